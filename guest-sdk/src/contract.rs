@@ -1,0 +1,166 @@
+//! The host↔guest contract: import and export names, their signatures, and the JSON messages
+//! that cross the boundary. The host validates uploaded modules against these constants, and
+//! the guest side of this crate calls them, so both compile against one definition.
+//!
+//! Memory protocol: the host writes inputs into buffers the guest hands out from
+//! [`EXPORT_ALLOC`]; the guest passes `(ptr, len)` pairs into its own memory to the host.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The only module name a guest may import from.
+pub const HOST_MODULE: &str = "unseen";
+
+/// `query(req_ptr: i32, req_len: i32) -> i32`: runs the [`QueryRequest`] JSON at
+/// `req_ptr..req_ptr+req_len` through the gate and stages a [`QueryResponse`]; returns its
+/// length in bytes.
+pub const IMPORT_QUERY: &str = "query";
+/// `take_response(dst_ptr: i32, dst_len: i32) -> i32`: copies the staged response into guest
+/// memory; returns the number of bytes written, or a negative value if nothing is staged or
+/// `dst_len` is too small.
+pub const IMPORT_TAKE_RESPONSE: &str = "take_response";
+/// `set_output(ptr: i32, len: i32) -> i32`: sets the job's output (JSON; on a failed entry,
+/// the error message). Returns 0, or a negative value if it is too large.
+pub const IMPORT_SET_OUTPUT: &str = "set_output";
+
+/// Every host import with its `(params, results)` as wasm value types (all `i32`).
+pub const IMPORTS: [(&str, usize, usize); 3] = [
+    (IMPORT_QUERY, 2, 1),
+    (IMPORT_TAKE_RESPONSE, 2, 1),
+    (IMPORT_SET_OUTPUT, 2, 1),
+];
+
+/// The guest's linear memory.
+pub const EXPORT_MEMORY: &str = "memory";
+/// `unseen_alloc(len: i32) -> i32`: a buffer of `len` bytes the host may fill; ownership
+/// passes back to the guest with the call that names it.
+pub const EXPORT_ALLOC: &str = "unseen_alloc";
+/// Entry points are exported as `unseen_entry_<name>(params_ptr: i32, params_len: i32) -> i32`
+/// and return 0 on success.
+pub const ENTRY_PREFIX: &str = "unseen_entry_";
+
+/// A DP query a guest asks the host to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    /// SQL whose top is an aggregate grouped by public keys.
+    pub sql: String,
+    /// Privacy budget for this query (pure ε-DP).
+    pub epsilon: f64,
+    /// Clamping bounds per column, `[lower, upper]`, overriding the catalogue's.
+    #[serde(default)]
+    pub bounds: BTreeMap<String, [f64; 2]>,
+}
+
+/// What the host answers to a [`QueryRequest`].
+pub type QueryResponse = Result<Release, QueryError>;
+
+/// A refused or failed query. Messages are written by the gate and never carry data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryError {
+    /// Stable, snake_case.
+    pub code: String,
+    /// A sentence for the analyst.
+    pub message: String,
+}
+
+impl std::fmt::Display for QueryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// A table that passed the gate: differentially private, safe to post-process and show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub columns: Vec<ReleasedColumn>,
+    pub rows: Vec<Vec<Value>>,
+    /// ε this release spent (sum of its measurements' privacy losses from OpenDP's maps).
+    pub epsilon: f64,
+    /// The ledger entry that recorded the debit.
+    pub ledger_entry: u64,
+    /// Groups whose noisy count fell below the minimum group size; their measures are null.
+    pub suppressed_groups: u64,
+}
+
+impl Release {
+    /// Index of the column called `name`.
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+/// One released column and, for measures, the noise it carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasedColumn {
+    pub name: String,
+    pub kind: ColumnKind,
+    /// Laplace scale of the noise added, in the column's units (measures only).
+    pub noise_scale: Option<f64>,
+    /// Half-width of a 95 % interval around the true value (counts and sums; for means, the
+    /// interval of the noisy numerator over the true count, an approximation).
+    pub ci95_half_width: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnKind {
+    /// A public group key, released as it is.
+    Key,
+    Count,
+    Sum,
+    Mean,
+}
+
+/// A cell of a released table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl Value {
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_as_plain_json() {
+        let row = vec![
+            Value::Text("D01".into()),
+            Value::Int(12),
+            Value::Float(3.5),
+            Value::Null,
+        ];
+        let json = serde_json::to_string(&row).unwrap();
+        assert_eq!(json, r#"["D01",12,3.5,null]"#);
+        let back: Vec<Value> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, row);
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let err = serde_json::from_str::<QueryRequest>(r#"{"sql":"x","epsilon":1,"delta":0}"#);
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,392 @@
+//! The public-data catalogue: each dataset's public metadata (title, source, open attribute,
+//! version date) and its policy (privacy unit, public bounds and keys, total budget, minimum
+//! group size). Policy files in `policies/` seed it at start-up; it lives in SQLite after that.
+//! Nothing here ever reads a row: only the Parquet footer's schema.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// 无条件 / 有条件 / 不予开放.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenAttribute {
+    Unconditional,
+    Conditional,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Int32,
+    Int64,
+    Float64,
+    String,
+}
+
+/// A public group key value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KeyValue {
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnPolicy {
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+    /// Public clamping bounds `[lower, upper]` used when a query names none.
+    #[serde(default)]
+    pub bounds: Option<[f64; 2]>,
+    /// The complete public set of values this column may be grouped by.
+    #[serde(default)]
+    pub public_keys: Option<Vec<KeyValue>>,
+}
+
+/// One dataset's catalogue entry and policy, as written in a policy file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetPolicy {
+    pub id: String,
+    pub title: String,
+    #[serde(default)]
+    pub description: String,
+    /// The public body the data comes from (cited in every report).
+    pub source: String,
+    pub open_attribute: OpenAttribute,
+    #[serde(default)]
+    pub update_frequency: Option<String>,
+    /// Version or acquisition date (cited in every report).
+    pub version_date: String,
+    /// Parquet file; a relative path is taken from the data directory.
+    pub path: PathBuf,
+    /// The SQL table name guests use.
+    pub table: String,
+    /// `"row"` or the column that identifies a person.
+    pub privacy_unit: String,
+    /// Total ε the dataset may ever spend across all scenarios.
+    pub total_epsilon: f64,
+    /// Groups whose noisy count falls below this are suppressed.
+    pub min_group_size: u64,
+    pub columns: BTreeMap<String, ColumnPolicy>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("policy file {file}: {problem}")]
+    BadPolicy { file: String, problem: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for CatalogError {
+    fn from(e: rusqlite::Error) -> Self {
+        CatalogError::Store(e.into())
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl DatasetPolicy {
+    /// Parses and checks a policy file's text; errors name the file, the field and the problem.
+    pub fn parse(file: &str, text: &str) -> Result<Self, CatalogError> {
+        let bad = |problem: String| CatalogError::BadPolicy {
+            file: file.to_string(),
+            problem,
+        };
+        let policy: DatasetPolicy = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        for (field, value) in [("id", &policy.id), ("table", &policy.table)] {
+            if !is_identifier(value) {
+                return Err(bad(format!(
+                    "field `{field}`: {value:?} must be a lower-case identifier (a-z, 0-9, _)"
+                )));
+            }
+        }
+        if !(policy.total_epsilon.is_finite() && policy.total_epsilon > 0.0) {
+            return Err(bad(
+                "field `total_epsilon`: must be a positive number".into()
+            ));
+        }
+        if policy.privacy_unit != "row" && !policy.columns.contains_key(&policy.privacy_unit) {
+            return Err(bad(format!(
+                "field `privacy_unit`: {:?} is neither \"row\" nor a declared column",
+                policy.privacy_unit
+            )));
+        }
+        for (name, column) in &policy.columns {
+            if !is_identifier(name) {
+                return Err(bad(format!("column {name:?}: not a lower-case identifier")));
+            }
+            if let Some([lo, hi]) = column.bounds {
+                if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                    return Err(bad(format!(
+                        "field `columns.{name}.bounds`: need finite lower <= upper"
+                    )));
+                }
+            }
+            if let Some(keys) = &column.public_keys {
+                if keys.is_empty() || keys.len() > 100_000 {
+                    return Err(bad(format!(
+                        "field `columns.{name}.public_keys`: need 1 to 100000 keys"
+                    )));
+                }
+                let wants_text = column.ty == ColumnType::String;
+                if keys
+                    .iter()
+                    .any(|k| matches!(k, KeyValue::Text(_)) != wants_text)
+                {
+                    return Err(bad(format!(
+                        "field `columns.{name}.public_keys`: keys must match the column type"
+                    )));
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    pub fn data_path(&self, data_dir: &Path) -> PathBuf {
+        if self.path.is_absolute() {
+            self.path.clone()
+        } else {
+            data_dir.join(&self.path)
+        }
+    }
+}
+
+/// A catalogue entry as every role may see it: metadata, schema, public bounds and keys,
+/// and budget figures. Never rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dataset {
+    #[serde(flatten)]
+    pub policy: DatasetPolicy,
+    pub epsilon_reserved: f64,
+    pub epsilon_spent: f64,
+    pub epsilon_unreserved: f64,
+}
+
+/// Reads the Parquet footer and checks every declared column exists with the declared type.
+fn check_against_file(
+    policy: &DatasetPolicy,
+    data_dir: &Path,
+    file: &str,
+) -> Result<(), CatalogError> {
+    use arrow::datatypes::DataType;
+    let bad = |problem: String| CatalogError::BadPolicy {
+        file: file.to_string(),
+        problem,
+    };
+    let path = policy.data_path(data_dir);
+    let reader = std::fs::File::open(&path)
+        .map_err(|e| bad(format!("field `path`: cannot open {}: {e}", path.display())))?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(reader)
+        .map_err(|e| {
+            bad(format!(
+                "field `path`: {} is not a Parquet file: {e}",
+                path.display()
+            ))
+        })?;
+    let schema = builder.schema();
+    for (name, column) in &policy.columns {
+        let field = schema
+            .field_with_name(name)
+            .map_err(|_| bad(format!("column {name:?} is not in {}", path.display())))?;
+        let ok = matches!(
+            (column.ty, field.data_type()),
+            (ColumnType::Int32, DataType::Int32)
+                | (ColumnType::Int64, DataType::Int64)
+                | (ColumnType::Float64, DataType::Float64)
+                | (
+                    ColumnType::String,
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                )
+        );
+        if !ok {
+            return Err(bad(format!(
+                "field `columns.{name}.type`: declared {:?} but the file has {}",
+                column.ty,
+                field.data_type()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a policy against its data file and stores (or replaces) it in the catalogue.
+pub fn register(
+    store: &Store,
+    data_dir: &Path,
+    file: &str,
+    policy: &DatasetPolicy,
+) -> Result<(), CatalogError> {
+    check_against_file(policy, data_dir, file)?;
+    let policy_json =
+        serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.conn().execute(
+        "INSERT INTO datasets (id, policy, schema, updated_at) VALUES (?1, ?2, '', ?3)
+         ON CONFLICT (id) DO UPDATE SET policy = excluded.policy, updated_at = excluded.updated_at",
+        params![policy.id, policy_json, crate::now_rfc3339()],
+    )?;
+    Ok(())
+}
+
+/// Loads every `*.toml` in `dir` except `limits.toml` as a dataset policy. Stops at the first
+/// bad file with a message naming it.
+pub fn load_policies_dir(
+    store: &Store,
+    data_dir: &Path,
+    dir: &Path,
+) -> Result<usize, CatalogError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| CatalogError::BadPolicy {
+            file: dir.display().to_string(),
+            problem: format!("cannot read the policies directory: {e}"),
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && !p.ends_with("limits.toml"))
+        .collect();
+    files.sort();
+    for path in &files {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| CatalogError::BadPolicy {
+            file: file.clone(),
+            problem: e.to_string(),
+        })?;
+        let policy = DatasetPolicy::parse(&file, &text)?;
+        register(store, data_dir, &file, &policy)?;
+    }
+    Ok(files.len())
+}
+
+/// A dataset's total ε, read inside a caller's transaction.
+pub(crate) fn policy_total_in(conn: &rusqlite::Connection, id: &str) -> Result<f64, StoreError> {
+    let text: String = conn.query_row(
+        "SELECT policy FROM datasets WHERE id = ?1",
+        params![id],
+        |r| r.get(0),
+    )?;
+    let policy: DatasetPolicy =
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(policy.total_epsilon)
+}
+
+pub fn policy(store: &Store, id: &str) -> Result<Option<DatasetPolicy>, StoreError> {
+    let text: Option<String> = store
+        .conn()
+        .query_row(
+            "SELECT policy FROM datasets WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+fn with_budget(store: &Store, policy: DatasetPolicy) -> Result<Dataset, StoreError> {
+    let conn = store.conn();
+    let spent: f64 = conn.query_row(
+        "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE dataset_id = ?1",
+        params![policy.id],
+        |r| r.get(0),
+    )?;
+    drop(conn);
+    let reserved = crate::scenario::reserved_for_dataset(store, &policy.id)?;
+    Ok(Dataset {
+        epsilon_unreserved: (policy.total_epsilon - reserved).max(0.0),
+        epsilon_reserved: reserved,
+        epsilon_spent: spent,
+        policy,
+    })
+}
+
+pub fn get(store: &Store, id: &str) -> Result<Option<Dataset>, StoreError> {
+    policy(store, id)?
+        .map(|p| with_budget(store, p))
+        .transpose()
+}
+
+pub fn list(store: &Store) -> Result<Vec<Dataset>, StoreError> {
+    let texts: Vec<String> = {
+        let conn = store.conn();
+        let mut stmt = conn.prepare("SELECT policy FROM datasets ORDER BY id")?;
+        stmt.query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    texts
+        .into_iter()
+        .map(|t| {
+            let p: DatasetPolicy =
+                serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            with_budget(store, p)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "t"
+title = "T"
+source = "S"
+open_attribute = "conditional"
+version_date = "2026-11-01"
+path = "t.parquet"
+table = "t"
+privacy_unit = "row"
+total_epsilon = 1.0
+min_group_size = 5
+[columns.k]
+type = "string"
+public_keys = ["a", "b"]
+"#;
+
+    #[test]
+    fn a_good_policy_parses() {
+        let p = DatasetPolicy::parse("good.toml", GOOD).unwrap();
+        assert_eq!(p.columns["k"].public_keys.as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_policies_name_file_and_field() {
+        let cases = [
+            (
+                GOOD.replace("total_epsilon = 1.0", "total_epsilon = -1.0"),
+                "total_epsilon",
+            ),
+            (
+                GOOD.replace("public_keys = [\"a\", \"b\"]", "public_keys = [1, 2]"),
+                "columns.k.public_keys",
+            ),
+            (
+                GOOD.replace("min_group_size = 5", "min_group_size = 5\nshoe_size = 3"),
+                "shoe_size",
+            ),
+            (
+                GOOD.replace("privacy_unit = \"row\"", "privacy_unit = \"person\""),
+                "privacy_unit",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = DatasetPolicy::parse("bad.toml", &text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("bad.toml") && err.contains(field), "{err}");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Server settings (`--config FILE` or flags) and the one typed struct of resource limits.
+//! Limit defaults live in `policies/limits.toml`; the values in [`Limits::default`] are the
+//! fall-back when no such file is given and must match it (a test checks).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the SQLite file, the ledger key, modules and datasets live.
+    pub data_dir: PathBuf,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Policy files (`*.toml`) that seed the catalogue at start-up.
+    #[serde(default)]
+    pub policies_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            listen: default_listen(),
+            policies_dir: None,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+}
+
+/// Every resource limit a job or upload is held to. One refusal code per limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest module upload, bytes (`module_too_large`).
+    pub max_module_bytes: usize,
+    /// Largest linear memory a module may declare or grow to, bytes (`memory_limit`).
+    pub max_memory_bytes: usize,
+    /// Largest table a module may declare or grow to, elements (`table_limit`).
+    pub max_table_elements: u32,
+    /// Most wasm stack a call may use, bytes (`stack_overflow`).
+    pub max_stack_bytes: usize,
+    /// Fuel (roughly, wasm instructions) for one job's guest code (`out_of_fuel`). Host work
+    /// done for queries is not charged: fuel then depends only on the guest's own inputs.
+    pub fuel_per_job: u64,
+    /// Queries one job may ask (`too_many_queries`).
+    pub max_queries_per_job: u32,
+    /// Largest query request or job output, bytes (`output_too_large`).
+    pub max_message_bytes: usize,
+    /// Largest JSON request body to the API, bytes (`body_too_large`).
+    pub max_request_body_bytes: usize,
+    /// Longest guest SQL text, bytes.
+    pub max_sql_bytes: usize,
+    /// Memory DataFusion may use for one query, bytes; beyond it the query fails (no spilling).
+    pub query_memory_bytes: usize,
+    /// Jobs running at once; the rest wait in the queue.
+    pub concurrent_jobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_module_bytes: 8 << 20,
+            max_memory_bytes: 64 << 20,
+            max_table_elements: 10_000,
+            max_stack_bytes: 512 << 10,
+            fuel_per_job: 2_000_000_000,
+            max_queries_per_job: 64,
+            max_message_bytes: 4 << 20,
+            max_request_body_bytes: 1 << 20,
+            max_sql_bytes: 16 << 10,
+            query_memory_bytes: 1 << 30,
+            concurrent_jobs: 2,
+        }
+    }
+}
+
+impl Limits {
+    /// Reads `limits.toml` from a policies directory, if present.
+    pub fn from_policies_dir(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = dir.join("limits.toml");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let limits = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("policy file {}: {e}", path.display()))?;
+        Ok(Some(limits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_limits_file_matches_the_defaults() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let shipped = Limits::from_policies_dir(&dir)
+            .unwrap()
+            .expect("policies/limits.toml exists");
+        assert_eq!(shipped, Limits::default());
+    }
+}

@@ -1,0 +1,615 @@
+//! Reads a planned guest query and decides what the gate will compute for it: the table, the
+//! public group keys, and the noisy measurements (row count, non-null counts, clamped
+//! fixed-point sums). Anything it cannot bound is refused with a message saying what would
+//! make it acceptable. Then builds the exact-aggregate plan that DataFusion will run.
+
+use arrow::datatypes::DataType;
+use datafusion::common::DFSchema;
+use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::logical_expr::{
+    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit, when,
+};
+use unseen_guest::contract::{ColumnKind, QueryRequest};
+
+use super::{GateError, JobGrant};
+use crate::catalog::{KeyValue, OpenAttribute};
+
+/// Most groups one release may have (the product of the public key sets).
+const MAX_GROUPS: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    pub column: String,
+    pub keys: Vec<KeyValue>,
+    expr: Expr,
+}
+
+/// One noisy vector over all groups.
+#[derive(Debug, Clone)]
+pub enum MeasureSpec {
+    /// Rows per group. Always measure 0: it drives the minimum group size and means.
+    Rows,
+    /// Non-null values of an expression per group (`COUNT(col)`).
+    NonNull { expr: Expr, label: String },
+    /// Σ round((clamp(x, lo, hi) − shift) · fixed_point) per group, as an integer.
+    ClampedSum {
+        expr: Expr,
+        column: String,
+        lo: f64,
+        hi: f64,
+        shift: f64,
+        fixed_point: f64,
+    },
+}
+
+impl MeasureSpec {
+    pub fn label(&self) -> String {
+        match self {
+            MeasureSpec::Rows => "count".into(),
+            MeasureSpec::NonNull { label, .. } => format!("count({label})"),
+            MeasureSpec::ClampedSum {
+                column,
+                lo,
+                hi,
+                shift,
+                ..
+            } if *shift != 0.0 => format!("mean({column} in [{lo}, {hi}])"),
+            MeasureSpec::ClampedSum { column, lo, hi, .. } => {
+                format!("sum({column} in [{lo}, {hi}])")
+            }
+        }
+    }
+
+    pub fn fixed_point(&self) -> f64 {
+        match self {
+            MeasureSpec::ClampedSum { fixed_point, .. } => *fixed_point,
+            _ => 1.0,
+        }
+    }
+
+    pub fn shift(&self) -> f64 {
+        match self {
+            MeasureSpec::ClampedSum { shift, .. } => *shift,
+            _ => 0.0,
+        }
+    }
+
+    pub fn bounds(&self) -> (f64, f64) {
+        match self {
+            MeasureSpec::ClampedSum { lo, hi, .. } => (*lo, *hi),
+            _ => (f64::NEG_INFINITY, f64::INFINITY),
+        }
+    }
+
+    /// The integer range every summed value lies in (rounding is monotone, so clamped values
+    /// round into the rounded bounds).
+    pub fn fixed_point_bounds(&self) -> (i64, i64) {
+        match self {
+            MeasureSpec::ClampedSum {
+                lo,
+                hi,
+                shift,
+                fixed_point,
+                ..
+            } => (
+                ((lo - shift) * fixed_point).round() as i64,
+                ((hi - shift) * fixed_point).round() as i64,
+            ),
+            _ => (0, 1),
+        }
+    }
+
+    fn aggregate_expr(&self, index: usize) -> Result<Expr, GateError> {
+        let name = format!("__m{index}");
+        Ok(match self {
+            MeasureSpec::Rows => count(lit(1i64)).alias(name),
+            MeasureSpec::NonNull { expr, .. } => count(expr.clone()).alias(name),
+            MeasureSpec::ClampedSum {
+                expr,
+                lo,
+                hi,
+                shift,
+                fixed_point,
+                ..
+            } => {
+                // Arrow compares floats by IEEE total order, so NaN clamps to a bound too.
+                let x = cast(expr.clone(), DataType::Float64);
+                let clamped = when(x.clone().lt(lit(*lo)), lit(*lo))
+                    .when(x.clone().gt(lit(*hi)), lit(*hi))
+                    .otherwise(x)
+                    .map_err(plan_error)?;
+                let scaled = (clamped - lit(*shift)) * lit(*fixed_point);
+                let rounded = when(scaled.clone().gt_eq(lit(0.0)), scaled.clone() + lit(0.5))
+                    .otherwise(scaled - lit(0.5))
+                    .map_err(plan_error)?;
+                sum(cast(rounded, DataType::Int64)).alias(name)
+            }
+        })
+    }
+}
+
+/// A power of two that keeps |value| · scale ≤ 2³⁰, so that 2³² rows cannot overflow an i64 sum.
+fn fixed_point_for(max_abs: f64) -> f64 {
+    if max_abs == 0.0 {
+        return 1.0;
+    }
+    let k = (30.0 - max_abs.log2()).floor().clamp(-30.0, 40.0);
+    2f64.powi(k as i32)
+}
+
+#[derive(Debug, Clone)]
+pub enum OutputSpec {
+    Key {
+        name: String,
+        group: usize,
+    },
+    Measure {
+        name: String,
+        measure: usize,
+        kind: ColumnKind,
+    },
+}
+
+/// What the gate computes for one query.
+#[derive(Debug, Clone)]
+pub struct QueryShape {
+    pub table: String,
+    pub groups: Vec<GroupSpec>,
+    pub measures: Vec<MeasureSpec>,
+    pub outputs: Vec<OutputSpec>,
+    input: LogicalPlan,
+}
+
+impl QueryShape {
+    /// GROUP BY the keys, one aggregate per measurement, over the query's own input.
+    pub fn aggregate_plan(&self) -> Result<LogicalPlan, GateError> {
+        let aggs = self
+            .measures
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.aggregate_expr(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        LogicalPlanBuilder::from(self.input.clone())
+            .aggregate(self.groups.iter().map(|g| g.expr.clone()), aggs)
+            .and_then(|b| b.build())
+            .map_err(plan_error)
+    }
+
+    /// Every combination of public keys, in catalogue order.
+    pub fn key_product(&self) -> Vec<Vec<KeyValue>> {
+        let mut out: Vec<Vec<KeyValue>> = vec![vec![]];
+        for g in &self.groups {
+            out = out
+                .into_iter()
+                .flat_map(|prefix| {
+                    g.keys.iter().map(move |k| {
+                        let mut p = prefix.clone();
+                        p.push(k.clone());
+                        p
+                    })
+                })
+                .collect();
+        }
+        out
+    }
+}
+
+fn plan_error(_: datafusion::error::DataFusionError) -> GateError {
+    GateError::refused(
+        "internal",
+        "the gate could not build the aggregate for this query",
+    )
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> GateError {
+    GateError::refused(code, message)
+}
+
+const SHAPE_HINT: &str = "write SELECT <public keys>, COUNT(*) | COUNT(col) | SUM(col) | AVG(col) FROM <table> [WHERE …] GROUP BY <public keys>, and post-process the released table in your module";
+
+/// Checks a planned query and returns what the gate will compute.
+pub fn analyse(
+    plan: &LogicalPlan,
+    grant: &JobGrant,
+    request: &QueryRequest,
+) -> Result<QueryShape, GateError> {
+    let (named_outputs, agg) = peel(plan)?;
+    let Aggregate {
+        input,
+        group_expr,
+        aggr_expr,
+        ..
+    } = agg;
+
+    let mut tables = Vec::new();
+    check_input(input, grant, &mut tables)?;
+    let table = match tables.as_slice() {
+        [one] => one.clone(),
+        _ => {
+            return Err(refuse(
+                "unsupported_query",
+                "a query reads exactly one table (joins are not supported yet)",
+            ));
+        }
+    };
+    let policy = &grant.datasets[&table];
+    if policy.open_attribute == OpenAttribute::Closed {
+        return Err(refuse(
+            "dataset_closed",
+            format!("dataset {:?} is closed (不予开放)", policy.id),
+        ));
+    }
+    if policy.privacy_unit != "row" {
+        return Err(refuse(
+            "privacy_unit_unsupported",
+            format!(
+                "dataset {:?} protects each {:?}; bounding a person's contribution is not built yet, so only row-level datasets can be queried",
+                policy.id, policy.privacy_unit
+            ),
+        ));
+    }
+
+    let mut groups = Vec::new();
+    for g in group_expr {
+        let Expr::Column(c) = unalias(g) else {
+            return Err(refuse(
+                "key_not_public",
+                format!("GROUP BY {g} is not a column; group by columns with public keys"),
+            ));
+        };
+        let keys = policy
+            .columns
+            .get(&c.name)
+            .and_then(|p| p.public_keys.clone())
+            .ok_or_else(|| {
+                refuse(
+                    "key_not_public",
+                    format!(
+                        "{:?} has no public key set in the catalogue, so its groups cannot be released (private partition selection is not built yet)",
+                        c.name
+                    ),
+                )
+            })?;
+        groups.push(GroupSpec {
+            column: c.name.clone(),
+            keys,
+            expr: g.clone(),
+        });
+    }
+    let n_groups: usize = groups
+        .iter()
+        .map(|g| g.keys.len())
+        .try_fold(1usize, |acc, n| acc.checked_mul(n))
+        .unwrap_or(usize::MAX);
+    if n_groups > MAX_GROUPS {
+        return Err(refuse(
+            "too_many_groups",
+            format!(
+                "the public keys give {n_groups} groups; at most {MAX_GROUPS} may be released at once"
+            ),
+        ));
+    }
+
+    let schema = input.schema();
+    let mut measures = vec![MeasureSpec::Rows];
+    let mut add = |m: MeasureSpec| -> usize {
+        let label = m.label();
+        if let Some(i) = measures.iter().position(|x| x.label() == label) {
+            i
+        } else {
+            measures.push(m);
+            measures.len() - 1
+        }
+    };
+    let mut agg_outputs = Vec::new();
+    for e in aggr_expr {
+        let Expr::AggregateFunction(af) = unalias(e) else {
+            return Err(refuse(
+                "unsupported_query",
+                format!("{e} is not an aggregate the gate can bound"),
+            ));
+        };
+        let p = &af.params;
+        if p.distinct || p.filter.is_some() || !p.order_by.is_empty() {
+            return Err(refuse(
+                "unsupported_aggregate",
+                format!("{e}: DISTINCT, FILTER and ORDER BY inside aggregates are not supported"),
+            ));
+        }
+        let name = af.func.name().to_ascii_lowercase();
+        let arg = p.args.first();
+        let out = match (name.as_str(), arg) {
+            ("count", None) | ("count", Some(Expr::Literal(..) | Expr::Wildcard { .. })) => {
+                (0, ColumnKind::Count)
+            }
+            ("count", Some(x)) => {
+                check_expr(x, schema)?;
+                (
+                    add(MeasureSpec::NonNull {
+                        expr: x.clone(),
+                        label: x.to_string(),
+                    }),
+                    ColumnKind::Count,
+                )
+            }
+            ("sum" | "avg", Some(x)) => {
+                check_expr(x, schema)?;
+                let column = column_of(x).ok_or_else(|| {
+                    refuse("unsupported_aggregate", format!("{e}: SUM and AVG take a column; compute other expressions from released values"))
+                })?;
+                if !x.get_type(schema).map(|t| t.is_numeric()).unwrap_or(false) {
+                    return Err(refuse(
+                        "unsupported_aggregate",
+                        format!("{e}: {column:?} is not numeric"),
+                    ));
+                }
+                let [lo, hi] = request
+                    .bounds
+                    .get(&column)
+                    .copied()
+                    .or_else(|| policy.columns.get(&column).and_then(|c| c.bounds))
+                    .ok_or_else(|| {
+                        refuse(
+                            "unbounded_column",
+                            format!(
+                                "{e} is unbounded: one person could move it arbitrarily far. Give bounds for {column:?} in the query (e.g. \"bounds\": {{\"{column}\": [0, 100]}}); values outside are clamped"
+                            ),
+                        )
+                    })?;
+                let (shift, kind) = if name == "avg" {
+                    ((lo + hi) / 2.0, ColumnKind::Mean)
+                } else {
+                    (0.0, ColumnKind::Sum)
+                };
+                let fixed_point = fixed_point_for((lo - shift).abs().max((hi - shift).abs()));
+                (
+                    add(MeasureSpec::ClampedSum {
+                        expr: x.clone(),
+                        column,
+                        lo,
+                        hi,
+                        shift,
+                        fixed_point,
+                    }),
+                    kind,
+                )
+            }
+            _ => {
+                return Err(refuse(
+                    "unsupported_aggregate",
+                    format!(
+                        "{e}: only COUNT, SUM and AVG can be released here (quantiles and others are not built yet)"
+                    ),
+                ));
+            }
+        };
+        agg_outputs.push(out);
+    }
+
+    let outputs = named_outputs
+        .into_iter()
+        .map(|(name, i)| {
+            if i < group_expr.len() {
+                OutputSpec::Key { name, group: i }
+            } else {
+                let (measure, kind) = agg_outputs[i - group_expr.len()];
+                OutputSpec::Measure {
+                    name,
+                    measure,
+                    kind,
+                }
+            }
+        })
+        .collect();
+
+    Ok(QueryShape {
+        table,
+        groups,
+        measures,
+        outputs,
+        input: input.as_ref().clone(),
+    })
+}
+
+fn unalias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => unalias(&a.expr),
+        e => e,
+    }
+}
+
+fn column_of(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Column(c) => Some(c.name.clone()),
+        Expr::Alias(a) => column_of(&a.expr),
+        Expr::Cast(c) => column_of(&c.expr),
+        Expr::TryCast(c) => column_of(&c.expr),
+        _ => None,
+    }
+}
+
+/// The aggregate at the top, and the released columns as (name, index in its output).
+fn peel(plan: &LogicalPlan) -> Result<(Vec<(String, usize)>, &Aggregate), GateError> {
+    match plan {
+        LogicalPlan::Sort(s) => peel(&s.input),
+        LogicalPlan::Projection(p) => {
+            let LogicalPlan::Aggregate(agg) = p.input.as_ref() else {
+                return Err(refuse(
+                    "unsupported_query",
+                    format!("the query's top must be an aggregate: {SHAPE_HINT}"),
+                ));
+            };
+            let mut outputs = Vec::new();
+            for e in &p.expr {
+                let (name, column) = match e {
+                    Expr::Column(c) => (c.name.clone(), c),
+                    Expr::Alias(a) => match a.expr.as_ref() {
+                        Expr::Column(c) => (a.name.clone(), c),
+                        _ => {
+                            return Err(refuse(
+                                "unsupported_query",
+                                format!("{e}: compute on released values in your module instead"),
+                            ));
+                        }
+                    },
+                    _ => {
+                        return Err(refuse(
+                            "unsupported_query",
+                            format!("{e}: compute on released values in your module instead"),
+                        ));
+                    }
+                };
+                let index = agg.schema.index_of_column(column).map_err(|_| {
+                    refuse(
+                        "unsupported_query",
+                        format!("{e} is not an output of the aggregate"),
+                    )
+                })?;
+                outputs.push((name, index));
+            }
+            Ok((outputs, agg))
+        }
+        LogicalPlan::Aggregate(agg) => Ok((
+            agg.schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.name().clone(), i))
+                .collect(),
+            agg,
+        )),
+        LogicalPlan::Filter(_) => Err(refuse(
+            "unsupported_query",
+            "HAVING filters on exact aggregates; filter the released table in your module instead",
+        )),
+        LogicalPlan::Limit(_) => Err(refuse(
+            "unsupported_query",
+            "LIMIT on released groups is not supported; every public key is released",
+        )),
+        _ => Err(refuse(
+            "unsupported_query",
+            format!("the query's top must be an aggregate: {SHAPE_HINT}"),
+        )),
+    }
+}
+
+/// Below the aggregate: scans of the scenario's tables, filters and projections only.
+fn check_input(
+    plan: &LogicalPlan,
+    grant: &JobGrant,
+    tables: &mut Vec<String>,
+) -> Result<(), GateError> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let name = scan.table_name.table();
+            if !grant.datasets.contains_key(name)
+                || !scan.filters.is_empty()
+                || scan.fetch.is_some()
+            {
+                return Err(refuse(
+                    "table_not_allowed",
+                    format!("table {name:?} is not in this scenario"),
+                ));
+            }
+            tables.push(name.to_string());
+            Ok(())
+        }
+        LogicalPlan::Filter(f) => {
+            check_expr(&f.predicate, f.input.schema())?;
+            check_input(&f.input, grant, tables)
+        }
+        LogicalPlan::Projection(p) => {
+            for e in &p.expr {
+                check_expr(e, p.input.schema())?;
+            }
+            check_input(&p.input, grant, tables)
+        }
+        LogicalPlan::SubqueryAlias(s) => check_input(&s.input, grant, tables),
+        _ => Err(refuse(
+            "unsupported_query",
+            format!(
+                "below the aggregate only WHERE filters and column selection are supported (no joins, unions, windows, limits, subqueries or nested aggregates yet): {SHAPE_HINT}"
+            ),
+        )),
+    }
+}
+
+/// Expressions that cannot fail on any row: failing would tell the analyst a row exists.
+fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
+    use Operator::*;
+    let not_allowed = || {
+        refuse(
+            "expression_not_allowed",
+            format!(
+                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals) and widening casts may appear before aggregation"
+            ),
+        )
+    };
+    match e {
+        Expr::Column(_) | Expr::Literal(..) => Ok(()),
+        Expr::Alias(a) => check_expr(&a.expr, schema),
+        Expr::BinaryExpr(b) => {
+            if matches!(
+                b.op,
+                Eq | NotEq | Lt | LtEq | Gt | GtEq | And | Or | IsDistinctFrom | IsNotDistinctFrom
+            ) {
+                check_expr(&b.left, schema)?;
+                check_expr(&b.right, schema)
+            } else {
+                Err(not_allowed())
+            }
+        }
+        Expr::Not(x)
+        | Expr::IsNull(x)
+        | Expr::IsNotNull(x)
+        | Expr::IsTrue(x)
+        | Expr::IsFalse(x)
+        | Expr::IsNotTrue(x)
+        | Expr::IsNotFalse(x)
+        | Expr::IsUnknown(x)
+        | Expr::IsNotUnknown(x) => check_expr(x, schema),
+        Expr::Between(b) => {
+            check_expr(&b.expr, schema)?;
+            check_expr(&b.low, schema)?;
+            check_expr(&b.high, schema)
+        }
+        Expr::InList(l) => {
+            check_expr(&l.expr, schema)?;
+            if l.list.len() <= 10_000 && l.list.iter().all(|x| matches!(x, Expr::Literal(..))) {
+                Ok(())
+            } else {
+                Err(not_allowed())
+            }
+        }
+        Expr::TryCast(c) => check_expr(&c.expr, schema),
+        Expr::Cast(c) => {
+            if matches!(c.expr.as_ref(), Expr::Literal(..)) {
+                return Ok(());
+            }
+            let from = c.expr.get_type(schema).map_err(|_| not_allowed())?;
+            let widening = match (&from, c.field.data_type()) {
+                (f, DataType::Float64 | DataType::Float32) => f.is_numeric(),
+                (
+                    DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::UInt8
+                    | DataType::UInt16
+                    | DataType::UInt32,
+                    DataType::Int64,
+                ) => true,
+                (f, DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) => {
+                    f.is_primitive()
+                        || matches!(f, DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
+                }
+                _ => false,
+            };
+            if widening {
+                check_expr(&c.expr, schema)
+            } else {
+                Err(not_allowed())
+            }
+        }
+        _ => Err(not_allowed()),
+    }
+}

@@ -1,0 +1,424 @@
+//! Jobs: a developer's request to run one entry of one module under one scenario. A job is
+//! queued, then run on a blocking thread: the module in the sandbox, its queries through the
+//! gate. Its report holds only the module's output and the releases it received — both
+//! functions of DP releases — with the budget spent and the datasets' citations.
+
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use unseen_guest::contract::{QueryRequest, QueryResponse, Release};
+
+use crate::gate::{Gate, JobGrant};
+use crate::sandbox::{Host, Sandbox};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    pub scenario_id: String,
+    /// The module's SHA-256 id.
+    pub module: String,
+    pub entry: String,
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "running" => JobStatus::Running,
+            "succeeded" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            _ => JobStatus::Queued,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: String,
+    pub developer_id: String,
+    pub scenario_id: String,
+    pub module: String,
+    pub entry: String,
+    pub status: JobStatus,
+    pub error: Option<JobError>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// 注明数据来源和获取日期: every report cites its datasets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Citation {
+    pub dataset: String,
+    pub title: String,
+    pub source: String,
+    pub version_date: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub job_id: String,
+    pub scenario_id: String,
+    /// What the module returned: its post-processing of the releases.
+    pub output: serde_json::Value,
+    /// Every release the module received, in order.
+    pub releases: Vec<Release>,
+    pub epsilon_spent: f64,
+    /// ε left in the scenario after this job.
+    pub scenario_epsilon_left: f64,
+    pub citations: Vec<Citation>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for SubmitError {
+    fn from(e: rusqlite::Error) -> Self {
+        SubmitError::Store(e.into())
+    }
+}
+
+fn refused(code: &'static str, message: impl Into<String>) -> SubmitError {
+    SubmitError::Refused {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Runs jobs: at most `concurrent_jobs` at once.
+#[derive(Clone)]
+pub struct Runner {
+    store: Store,
+    gate: Gate,
+    sandbox: Arc<Sandbox>,
+    modules_dir: std::path::PathBuf,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Runner {
+    pub fn new(
+        store: Store,
+        gate: Gate,
+        sandbox: Arc<Sandbox>,
+        modules_dir: std::path::PathBuf,
+    ) -> Self {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            sandbox.limits().concurrent_jobs.max(1),
+        ));
+        Runner {
+            store,
+            gate,
+            sandbox,
+            modules_dir,
+            slots,
+        }
+    }
+
+    /// Jobs left queued or running by a previous process did not finish: they fail, and any
+    /// budget they debited stays spent.
+    pub fn fail_interrupted(&self) -> Result<usize, StoreError> {
+        Ok(self.store.conn().execute(
+            "UPDATE jobs SET status = 'failed', error_code = 'interrupted',
+             error_message = 'the server stopped before the job finished; budget it spent stays spent', finished_at = ?1
+             WHERE status IN ('queued', 'running')",
+            params![crate::now_rfc3339()],
+        )?)
+    }
+
+    /// Checks and queues a job, then starts it in the background.
+    pub fn submit(&self, developer_id: &str, req: SubmitJob) -> Result<Job, SubmitError> {
+        let scenario = crate::scenario::get(&self.store, &req.scenario_id)?
+            .filter(|s| s.developer_id == developer_id)
+            .ok_or_else(|| {
+                refused(
+                    "scenario_not_found",
+                    "no scenario with that id belongs to you",
+                )
+            })?;
+        if scenario.status != crate::scenario::Status::Approved {
+            return Err(refused(
+                "scenario_not_approved",
+                format!("the scenario is {}, not approved", scenario.status_str()),
+            ));
+        }
+        if !scenario
+            .application
+            .modules
+            .iter()
+            .any(|m| *m == req.module)
+        {
+            return Err(refused(
+                "module_not_in_scenario",
+                "the scenario does not allow this module",
+            ));
+        }
+        let entries: Option<String> = self
+            .store
+            .conn()
+            .query_row(
+                "SELECT entries FROM modules WHERE hash = ?1 AND owner_id = ?2",
+                params![req.module, developer_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let entries: Vec<String> = entries
+            .and_then(|e| serde_json::from_str(&e).ok())
+            .ok_or_else(|| {
+                refused(
+                    "module_not_found",
+                    "you have not uploaded a module with that id",
+                )
+            })?;
+        if !entries.contains(&req.entry) {
+            return Err(refused(
+                "unknown_entry",
+                format!("the module's entry points are {}", entries.join(", ")),
+            ));
+        }
+        let params_text =
+            serde_json::to_string(&req.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if params_text.len() > 64 * 1024 {
+            return Err(refused(
+                "params_too_large",
+                "params are limited to 64 KiB of JSON",
+            ));
+        }
+        let job = Job {
+            id: crate::new_id("job"),
+            developer_id: developer_id.to_string(),
+            scenario_id: scenario.id.clone(),
+            module: req.module.clone(),
+            entry: req.entry.clone(),
+            status: JobStatus::Queued,
+            error: None,
+            created_at: crate::now_rfc3339(),
+            finished_at: None,
+        };
+        self.store.conn().execute(
+            "INSERT INTO jobs (id, developer_id, scenario_id, module_hash, entry, params, status, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7)",
+            params![job.id, job.developer_id, job.scenario_id, job.module, job.entry, params_text, job.created_at],
+        )?;
+        let runner = self.clone();
+        let id = job.id.clone();
+        tokio::spawn(async move {
+            let Ok(_slot) = runner.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let outcome = runner.run(&id).await;
+            let (status, code, message, report) = match outcome {
+                Ok(report) => (
+                    JobStatus::Succeeded,
+                    None,
+                    None,
+                    serde_json::to_string(&report).ok(),
+                ),
+                Err(e) => (JobStatus::Failed, Some(e.code), Some(e.message), None),
+            };
+            let saved = runner.store.conn().execute(
+                "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6 WHERE id = ?1",
+                params![id, status.as_str(), code, message, report, crate::now_rfc3339()],
+            );
+            if let Err(e) = saved {
+                tracing::error!(job = %id, "could not record the job's outcome: {e}");
+            }
+            let _ = crate::audit::record(
+                &runner.store,
+                None,
+                "job_finished",
+                Some(&id),
+                status.as_str(),
+            );
+        });
+        Ok(job)
+    }
+
+    async fn run(&self, job_id: &str) -> Result<Report, JobError> {
+        let internal = |_| JobError {
+            code: "internal".into(),
+            message: "the job could not be started".into(),
+        };
+        let (developer_id, scenario_id, module_hash, entry, params_text): (String, String, String, String, String) = self
+            .store
+            .conn()
+            .query_row(
+                "SELECT developer_id, scenario_id, module_hash, entry, params FROM jobs WHERE id = ?1",
+                params![job_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .map_err(|e| internal(e.to_string()))?;
+        self.store
+            .conn()
+            .execute(
+                "UPDATE jobs SET status = 'running' WHERE id = ?1",
+                params![job_id],
+            )
+            .map_err(|e| internal(e.to_string()))?;
+        let scenario = crate::scenario::get(&self.store, &scenario_id)
+            .map_err(|e| internal(e.to_string()))?
+            .ok_or_else(|| internal("scenario vanished".into()))?;
+        let bytes = std::fs::read(self.modules_dir.join(format!("{module_hash}.wasm")))
+            .map_err(|e| internal(e.to_string()))?;
+        let module = self
+            .sandbox
+            .validate(&bytes)
+            .map_err(|e| internal(e.to_string()))?;
+        let grant = self
+            .gate
+            .open_job(job_id, &developer_id, &scenario)
+            .await
+            .map_err(|e| {
+                let q = e.to_query_error();
+                JobError {
+                    code: q.code,
+                    message: q.message,
+                }
+            })?;
+        let grant = Arc::new(grant);
+        let releases = Arc::new(Mutex::new(Vec::new()));
+        let host = GateHost {
+            gate: self.gate.clone(),
+            grant: grant.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            releases: releases.clone(),
+        };
+        let sandbox = self.sandbox.clone();
+        let entry_name = entry.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            sandbox.run(&module, &entry_name, params_text.as_bytes(), Box::new(host))
+        })
+        .await
+        .map_err(|_| JobError {
+            code: "internal".into(),
+            message: "the job's thread failed".into(),
+        })?;
+        let output_bytes = outcome.map_err(|e| JobError {
+            code: e.code().into(),
+            message: e.to_string(),
+        })?;
+        let output: serde_json::Value =
+            serde_json::from_slice(&output_bytes).map_err(|_| JobError {
+                code: "bad_output".into(),
+                message: "the module's output is not JSON".into(),
+            })?;
+        let releases = std::mem::take(&mut *releases.lock().unwrap_or_else(|p| p.into_inner()));
+        let spent = crate::ledger::spent(&self.store, None, Some(job_id), None)
+            .map_err(|e| internal(e.to_string()))?;
+        let scenario_spent = crate::ledger::spent(&self.store, Some(&scenario_id), None, None)
+            .map_err(|e| internal(e.to_string()))?;
+        let citations = grant
+            .datasets
+            .values()
+            .map(|p| Citation {
+                dataset: p.id.clone(),
+                title: p.title.clone(),
+                source: p.source.clone(),
+                version_date: p.version_date.clone(),
+            })
+            .collect();
+        Ok(Report {
+            job_id: job_id.to_string(),
+            scenario_id,
+            output,
+            releases,
+            epsilon_spent: spent,
+            scenario_epsilon_left: (scenario.epsilon_cap.unwrap_or(0.0) - scenario_spent).max(0.0),
+            citations,
+        })
+    }
+}
+
+/// Answers a module's queries with the gate, from the job's blocking thread.
+struct GateHost {
+    gate: Gate,
+    grant: Arc<JobGrant>,
+    runtime: tokio::runtime::Handle,
+    releases: Arc<Mutex<Vec<Release>>>,
+}
+
+impl Host for GateHost {
+    fn query(&mut self, request: QueryRequest) -> QueryResponse {
+        match self
+            .runtime
+            .block_on(self.gate.release(&self.grant, &request))
+        {
+            Ok(release) => {
+                self.releases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(release.clone());
+                Ok(release)
+            }
+            Err(e) => Err(e.to_query_error()),
+        }
+    }
+}
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    let status: String = r.get(5)?;
+    let code: Option<String> = r.get(6)?;
+    let message: Option<String> = r.get(7)?;
+    Ok(Job {
+        id: r.get(0)?,
+        developer_id: r.get(1)?,
+        scenario_id: r.get(2)?,
+        module: r.get(3)?,
+        entry: r.get(4)?,
+        status: JobStatus::parse(&status),
+        error: code.map(|code| JobError {
+            code,
+            message: message.unwrap_or_default(),
+        }),
+        created_at: r.get(8)?,
+        finished_at: r.get(9)?,
+    })
+}
+
+pub fn get(store: &Store, id: &str) -> Result<Option<(Job, Option<Report>)>, StoreError> {
+    let row = store
+        .conn()
+        .query_row(
+            "SELECT id, developer_id, scenario_id, module_hash, entry, status, error_code, error_message, created_at, finished_at, report
+             FROM jobs WHERE id = ?1",
+            params![id],
+            |r| Ok((job_from_row(r)?, r.get::<_, Option<String>>(10)?)),
+        )
+        .optional()?;
+    row.map(|(job, report)| {
+        let report = report
+            .map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()?;
+        Ok((job, report))
+    })
+    .transpose()
+}

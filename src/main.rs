@@ -1,0 +1,268 @@
+//! The `unseen` command line: serve, demo, principals and the ledger.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use unseen::config::{Config, Limits};
+use unseen::principal::{NewPrincipal, Role};
+
+#[derive(Parser)]
+#[command(
+    name = "unseen",
+    version,
+    about = "Compute on sensitive public data without seeing it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server.
+    Serve {
+        /// A TOML config file (data_dir, listen, policies_dir, [limits]).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Seed the catalogue from the dataset policies (*.toml) and limits.toml in DIR.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+    /// Walk through one job end to end on synthetic data.
+    Demo {
+        /// Keep the demo's state here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+    },
+    /// Manage principals directly in a data directory (bootstrap the first operator).
+    Principal {
+        #[command(subcommand)]
+        command: PrincipalCommand,
+    },
+    /// Export and verify the privacy-budget ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Write a synthetic trips table (the columns of shared/bench/WORKLOADS.md).
+    GenTrips {
+        #[arg(long)]
+        rows: usize,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrincipalCommand {
+    /// Register a principal and print its token (shown once).
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        organisation: Option<String>,
+        #[arg(long)]
+        licence_id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Write every entry as JSON lines.
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Output file (standard output if omitted).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print the ledger's Ed25519 public key (hex).
+    PublicKey {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Verify the chain and signatures: of a data directory, or offline of an export.
+    Verify {
+        #[arg(long, conflicts_with_all = ["export", "public_key"])]
+        data_dir: Option<PathBuf>,
+        #[arg(long, requires = "public_key")]
+        export: Option<PathBuf>,
+        /// The public key: hex, or a file holding it.
+        #[arg(long, requires = "export")]
+        public_key: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            policies,
+        } => {
+            let mut cfg = match config {
+                Some(path) => Config::from_file(&path)?,
+                None => Config::new(
+                    data_dir
+                        .clone()
+                        .context("give --data-dir DIR or --config FILE")?,
+                ),
+            };
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(p) = policies {
+                if let Some(limits) = Limits::from_policies_dir(&p)? {
+                    cfg.limits = limits;
+                }
+                cfg.policies_dir = Some(p);
+            }
+            runtime()?.block_on(async {
+                let (addr, server) = unseen::api::start(cfg).await?;
+                eprintln!("unseen listening on http://{addr}");
+                tokio::select! {
+                    _ = server => {}
+                    _ = tokio::signal::ctrl_c() => eprintln!("shutting down"),
+                }
+                anyhow::Ok(())
+            })
+        }
+        Command::Demo { data_dir, rows } => {
+            runtime()?.block_on(unseen::demo::run(unseen::demo::DemoOptions {
+                data_dir,
+                rows,
+            }))
+        }
+        Command::Principal {
+            command:
+                PrincipalCommand::Add {
+                    data_dir,
+                    role,
+                    name,
+                    organisation,
+                    licence_id,
+                },
+        } => {
+            let role =
+                Role::parse(&role).context("--role must be developer, operator or auditor")?;
+            std::fs::create_dir_all(&data_dir)?;
+            let store = unseen::store::Store::open(&data_dir)?;
+            let (p, token) = unseen::principal::create(
+                &store,
+                &NewPrincipal {
+                    role,
+                    name,
+                    organisation,
+                    licence_id,
+                },
+            )?;
+            unseen::audit::record(&store, None, "principal_created_cli", Some(&p.id), "ok")?;
+            eprintln!(
+                "registered {} {} — the token is shown only this once:",
+                p.role.as_str(),
+                p.id
+            );
+            println!("{}", token.0);
+            Ok(())
+        }
+        Command::Ledger { command } => ledger(command),
+        Command::GenTrips { rows, out, seed } => unseen::demo::trips::generate(rows, &out, seed),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
+    use unseen::ledger;
+    match command {
+        LedgerCommand::Export { data_dir, out } => {
+            let store = unseen::store::Store::open(&data_dir)?;
+            let entries = ledger::entries(&store)?;
+            match out {
+                Some(path) => ledger::export(
+                    &entries,
+                    std::io::BufWriter::new(std::fs::File::create(&path)?),
+                )?,
+                None => ledger::export(&entries, std::io::stdout().lock())?,
+            }
+            eprintln!("exported {} entries", entries.len());
+            Ok(())
+        }
+        LedgerCommand::PublicKey { data_dir } => {
+            anyhow::ensure!(
+                data_dir.join("ledger-key.pk8").exists(),
+                "no ledger key in {}",
+                data_dir.display()
+            );
+            println!(
+                "{}",
+                ledger::Signer::load_or_create(&data_dir)?.public_key_hex()
+            );
+            Ok(())
+        }
+        LedgerCommand::Verify {
+            data_dir,
+            export,
+            public_key,
+        } => {
+            let (entries, key) = match (data_dir, export, public_key) {
+                (Some(dir), _, _) => {
+                    let store = unseen::store::Store::open(&dir)?;
+                    (
+                        ledger::entries(&store)?,
+                        ledger::Signer::load_or_create(&dir)?.public_key_hex(),
+                    )
+                }
+                (None, Some(file), Some(key)) => {
+                    let key = if std::path::Path::new(&key).exists() {
+                        std::fs::read_to_string(&key)?
+                    } else {
+                        key
+                    };
+                    let f = std::fs::File::open(&file)
+                        .with_context(|| format!("open {}", file.display()))?;
+                    (
+                        ledger::read_export(std::io::BufReader::new(f))?,
+                        key.trim().to_string(),
+                    )
+                }
+                _ => anyhow::bail!("give --data-dir DIR, or --export FILE with --public-key KEY"),
+            };
+            let summary = ledger::verify(&entries, &key)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            eprintln!(
+                "ledger verified: {} entries, chain and signatures intact",
+                summary.entries
+            );
+            Ok(())
+        }
+    }
+}

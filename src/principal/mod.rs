@@ -1,0 +1,199 @@
+//! Principals (developers, operators, auditors) and their bearer tokens. Tokens are 256 random
+//! bits from ring, shown once, stored only as their SHA-256.
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Developer,
+    Operator,
+    Auditor,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Developer => "developer",
+            Role::Operator => "operator",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "developer" => Some(Role::Developer),
+            "operator" => Some(Role::Operator),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Principal {
+    pub id: String,
+    pub role: Role,
+    pub name: String,
+    pub organisation: Option<String>,
+    pub licence_id: Option<String>,
+    pub created_at: String,
+}
+
+/// A token in the clear: returned once at creation, never stored.
+pub struct NewToken(pub String);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPrincipal {
+    pub role: Role,
+    pub name: String,
+    #[serde(default)]
+    pub organisation: Option<String>,
+    #[serde(default)]
+    pub licence_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrincipalError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for PrincipalError {
+    fn from(e: rusqlite::Error) -> Self {
+        PrincipalError::Store(e.into())
+    }
+}
+
+/// `unseen_` followed by 256 random bits (ring's system random) in hex.
+fn new_token() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the operating system's random source failed");
+    format!("unseen_{}", hex::encode(bytes))
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// Registers a principal and returns it with its token (shown once).
+pub fn create(store: &Store, new: &NewPrincipal) -> Result<(Principal, NewToken), PrincipalError> {
+    let name = new.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(PrincipalError::Invalid(
+            "name must be between 1 and 200 characters".into(),
+        ));
+    }
+    for (field, value) in [
+        ("organisation", &new.organisation),
+        ("licence_id", &new.licence_id),
+    ] {
+        if value.as_ref().is_some_and(|v| v.len() > 200) {
+            return Err(PrincipalError::Invalid(format!(
+                "{field} must be at most 200 characters"
+            )));
+        }
+    }
+    if new.role == Role::Developer
+        && new
+            .licence_id
+            .as_deref()
+            .is_none_or(|l| l.trim().is_empty())
+    {
+        return Err(PrincipalError::Invalid(
+            "developers are registered under their real name with a licence_id".into(),
+        ));
+    }
+    let id = crate::new_id(new.role.as_str());
+    let token = NewToken(new_token());
+    let created_at = crate::now_rfc3339();
+    store.conn().execute(
+        "INSERT INTO principals (id, role, name, organisation, licence_id, token_hash, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            new.role.as_str(),
+            name,
+            new.organisation,
+            new.licence_id,
+            token_hash(&token.0),
+            created_at
+        ],
+    )?;
+    Ok((
+        Principal {
+            id,
+            role: new.role,
+            name: name.to_string(),
+            organisation: new.organisation.clone(),
+            licence_id: new.licence_id.clone(),
+            created_at,
+        },
+        token,
+    ))
+}
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Principal, Option<String>)> {
+    let role: String = row.get(1)?;
+    Ok((
+        Principal {
+            id: row.get(0)?,
+            role: Role::parse(&role).unwrap_or(Role::Auditor),
+            name: row.get(2)?,
+            organisation: row.get(3)?,
+            licence_id: row.get(4)?,
+            created_at: row.get(5)?,
+        },
+        row.get(6)?,
+    ))
+}
+
+/// The active principal a token belongs to, if any (revoked principals are not returned).
+pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, StoreError> {
+    if token.len() > 200 {
+        return Ok(None);
+    }
+    let found = store
+        .conn()
+        .query_row(
+            "SELECT id, role, name, organisation, licence_id, created_at, revoked_at
+             FROM principals WHERE token_hash = ?1",
+            params![token_hash(token)],
+            from_row,
+        )
+        .optional()?;
+    Ok(found.and_then(|(p, revoked)| revoked.is_none().then_some(p)))
+}
+
+pub fn get(store: &Store, id: &str) -> Result<Option<Principal>, StoreError> {
+    Ok(store
+        .conn()
+        .query_row(
+            "SELECT id, role, name, organisation, licence_id, created_at, revoked_at
+             FROM principals WHERE id = ?1",
+            params![id],
+            from_row,
+        )
+        .optional()?
+        .and_then(|(p, revoked)| revoked.is_none().then_some(p)))
+}
+
+/// Revokes a principal; returns false if there was no active principal with that id.
+pub fn revoke(store: &Store, id: &str) -> Result<bool, StoreError> {
+    let n = store.conn().execute(
+        "UPDATE principals SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, crate::now_rfc3339()],
+    )?;
+    Ok(n == 1)
+}

@@ -1,0 +1,477 @@
+//! The wasm sandbox (wasmtime). Validates uploaded modules against the host↔guest contract
+//! and the limits, compiles them once and caches them by SHA-256, and runs an entry point in a
+//! fresh store with fuel, a memory and table limiter, a stack limit, no WASI, no clock, no
+//! randomness and no I/O. It knows nothing of HTTP, SQL or privacy: queries go to a [`Host`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use unseen_guest::contract::{
+    ENTRY_PREFIX, EXPORT_ALLOC, EXPORT_MEMORY, HOST_MODULE, IMPORT_QUERY, IMPORT_SET_OUTPUT,
+    IMPORT_TAKE_RESPONSE, IMPORTS, QueryError, QueryRequest, QueryResponse,
+};
+use wasmtime::{
+    Caller, Config, Engine, ExternType, Linker, Module, ResourceLimiter, Store, Trap, ValType,
+};
+
+use crate::config::Limits;
+
+/// What answers a module's queries (the gate, in a job).
+pub trait Host: Send {
+    fn query(&mut self, request: QueryRequest) -> QueryResponse;
+}
+
+/// Why an upload was refused. Names from the module are bounded before they are quoted.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("the module is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("not a valid WebAssembly binary (text format and components are not accepted)")]
+    Invalid,
+    #[error(
+        "the module imports {0}, which the host does not provide (only `unseen` query, take_response, set_output)"
+    )]
+    UnknownImport(String),
+    #[error("the module declares {what}, over the limit of {limit}")]
+    OverLimit { what: &'static str, limit: String },
+    #[error("the module must export {0}")]
+    MissingExport(String),
+}
+
+impl ModuleError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ModuleError::TooLarge { .. } => "module_too_large",
+            ModuleError::Invalid => "invalid_module",
+            ModuleError::UnknownImport(_) => "unknown_import",
+            ModuleError::OverLimit { .. } => "module_over_limits",
+            ModuleError::MissingExport(_) => "missing_export",
+        }
+    }
+}
+
+/// How a run ended badly. Each is a function of the module and what it was given (params and
+/// DP releases), never of raw data: host work is not charged fuel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    #[error("the module ran out of fuel (its instruction budget)")]
+    OutOfFuel,
+    #[error("the module tried to use more memory than allowed")]
+    MemoryLimit,
+    #[error("the module tried to grow a table beyond the limit")]
+    TableLimit,
+    #[error("the module overflowed its stack")]
+    StackOverflow,
+    #[error("the module trapped: {0}")]
+    Trap(String),
+    #[error("the module asked more queries than a job may")]
+    TooManyQueries,
+    #[error("the module's message or output exceeded the size limit")]
+    OutputTooLarge,
+    #[error("the module has no entry point {0:?}")]
+    UnknownEntry(String),
+    #[error("the module's entry failed: {0}")]
+    GuestError(String),
+    #[error("the module broke the host protocol: {0}")]
+    Protocol(&'static str),
+}
+
+impl RunError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RunError::OutOfFuel => "out_of_fuel",
+            RunError::MemoryLimit => "memory_limit",
+            RunError::TableLimit => "table_limit",
+            RunError::StackOverflow => "stack_overflow",
+            RunError::Trap(_) => "guest_trap",
+            RunError::TooManyQueries => "too_many_queries",
+            RunError::OutputTooLarge => "output_too_large",
+            RunError::UnknownEntry(_) => "unknown_entry",
+            RunError::GuestError(_) => "guest_error",
+            RunError::Protocol(_) => "protocol_error",
+        }
+    }
+}
+
+/// A module that passed validation.
+#[derive(Clone)]
+pub struct ValidatedModule {
+    pub hash: String,
+    pub entries: Vec<String>,
+    pub module: Module,
+}
+
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<RunState>,
+    limits: Limits,
+    compiled: Mutex<HashMap<String, ValidatedModule>>,
+}
+
+struct RunState {
+    host: Box<dyn Host>,
+    limits: Limits,
+    memory_denied: bool,
+    table_denied: bool,
+    failure: Option<RunError>,
+    response: Option<Vec<u8>>,
+    output: Option<Vec<u8>>,
+    queries: u32,
+}
+
+impl ResourceLimiter for RunState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limits.max_memory_bytes {
+            self.memory_denied = true;
+            return Err(wasmtime::Error::msg("memory limit"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limits.max_table_elements as usize {
+            self.table_denied = true;
+            return Err(wasmtime::Error::msg("table limit"));
+        }
+        Ok(true)
+    }
+}
+
+/// Bounds a guest-chosen name before it is quoted anywhere.
+fn bounded_name(s: &str) -> String {
+    let cut: String = s.chars().take(64).filter(|c| !c.is_control()).collect();
+    if s.chars().count() > 64 {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
+fn guest_slice(
+    caller: &mut Caller<'_, RunState>,
+    ptr: i32,
+    len: i32,
+    limit: usize,
+) -> Result<Vec<u8>, RunError> {
+    let memory = caller
+        .get_export(EXPORT_MEMORY)
+        .and_then(|e| e.into_memory())
+        .ok_or(RunError::Protocol("no exported memory"))?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    if len > limit {
+        return Err(RunError::OutputTooLarge);
+    }
+    memory
+        .data(&*caller)
+        .get(ptr..ptr.saturating_add(len))
+        .map(<[u8]>::to_vec)
+        .ok_or(RunError::Protocol("a pointer outside the module's memory"))
+}
+
+/// Records why a host call ends the run, and traps.
+fn fail(caller: &mut Caller<'_, RunState>, e: RunError) -> wasmtime::Error {
+    let msg = e.to_string();
+    caller.data_mut().failure = Some(e);
+    wasmtime::Error::msg(msg)
+}
+
+impl Sandbox {
+    pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .max_wasm_stack(limits.max_stack_bytes)
+            // Threads are compiled out (no `threads` feature), so no shared memories.
+            .wasm_multi_memory(false)
+            .wasm_memory64(false)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
+        let mut linker = Linker::<RunState>::new(&engine);
+        linker
+            .func_wrap(
+                HOST_MODULE,
+                IMPORT_QUERY,
+                |mut caller: Caller<'_, RunState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+                    let state = caller.data_mut();
+                    if state.queries >= state.limits.max_queries_per_job {
+                        return Err(fail(&mut caller, RunError::TooManyQueries));
+                    }
+                    state.queries += 1;
+                    let limit = state.limits.max_message_bytes;
+                    let bytes = guest_slice(&mut caller, ptr, len, limit)
+                        .map_err(|e| fail(&mut caller, e))?;
+                    let response: QueryResponse = match serde_json::from_slice::<QueryRequest>(
+                        &bytes,
+                    ) {
+                        Ok(request) => caller.data_mut().host.query(request),
+                        Err(_) => Err(QueryError {
+                            code: "bad_request".into(),
+                            message:
+                                "the query request is not valid JSON of the contract's QueryRequest"
+                                    .into(),
+                        }),
+                    };
+                    let encoded = serde_json::to_vec(&response).map_err(|_| {
+                        fail(&mut caller, RunError::Protocol("unencodable response"))
+                    })?;
+                    let len = encoded.len() as i32;
+                    caller.data_mut().response = Some(encoded);
+                    Ok(len)
+                },
+            )
+            .and_then(|l| {
+                l.func_wrap(
+                    HOST_MODULE,
+                    IMPORT_TAKE_RESPONSE,
+                    |mut caller: Caller<'_, RunState>,
+                     ptr: i32,
+                     len: i32|
+                     -> wasmtime::Result<i32> {
+                        let Some(response) = caller.data_mut().response.take() else {
+                            return Ok(-1);
+                        };
+                        if (len as u32 as usize) < response.len() {
+                            caller.data_mut().response = Some(response);
+                            return Ok(-1);
+                        }
+                        let memory = caller
+                            .get_export(EXPORT_MEMORY)
+                            .and_then(|e| e.into_memory())
+                            .ok_or_else(|| {
+                                fail(&mut caller, RunError::Protocol("no exported memory"))
+                            })?;
+                        let start = ptr as u32 as usize;
+                        let n = response.len();
+                        match memory
+                            .data_mut(&mut caller)
+                            .get_mut(start..start.saturating_add(n))
+                        {
+                            Some(dst) => dst.copy_from_slice(&response),
+                            None => {
+                                return Err(fail(
+                                    &mut caller,
+                                    RunError::Protocol("a pointer outside the module's memory"),
+                                ));
+                            }
+                        }
+                        Ok(n as i32)
+                    },
+                )
+            })
+            .and_then(|l| {
+                l.func_wrap(
+                    HOST_MODULE,
+                    IMPORT_SET_OUTPUT,
+                    |mut caller: Caller<'_, RunState>,
+                     ptr: i32,
+                     len: i32|
+                     -> wasmtime::Result<i32> {
+                        let limit = caller.data().limits.max_message_bytes;
+                        let bytes = guest_slice(&mut caller, ptr, len, limit)
+                            .map_err(|e| fail(&mut caller, e))?;
+                        caller.data_mut().output = Some(bytes);
+                        Ok(0)
+                    },
+                )
+            })
+            .map_err(|e| anyhow::anyhow!("linking host functions: {e}"))?;
+        Ok(Sandbox {
+            engine,
+            linker,
+            limits,
+            compiled: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// SHA-256 of a module, hex: its id.
+    pub fn module_hash(bytes: &[u8]) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+    }
+
+    /// Validates and compiles a module, caching it by hash.
+    pub fn validate(&self, bytes: &[u8]) -> Result<ValidatedModule, ModuleError> {
+        if bytes.len() > self.limits.max_module_bytes {
+            return Err(ModuleError::TooLarge {
+                size: bytes.len(),
+                limit: self.limits.max_module_bytes,
+            });
+        }
+        let hash = Self::module_hash(bytes);
+        if let Some(v) = self.cache().get(&hash) {
+            return Ok(v.clone());
+        }
+        // Binary only: the `wat` feature is off, so text never parses. Validation happens here.
+        let module = Module::from_binary(&self.engine, bytes).map_err(|_| ModuleError::Invalid)?;
+        let all_i32 = |tys: &mut dyn Iterator<Item = ValType>, n: usize| {
+            let v: Vec<_> = tys.collect();
+            v.len() == n && v.iter().all(|t| matches!(t, ValType::I32))
+        };
+        for import in module.imports() {
+            let expected = IMPORTS
+                .iter()
+                .find(|(name, _, _)| import.module() == HOST_MODULE && import.name() == *name);
+            let ok = match (expected, import.ty()) {
+                (Some((_, p, r)), ExternType::Func(f)) => {
+                    all_i32(&mut f.params(), *p) && all_i32(&mut f.results(), *r)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(ModuleError::UnknownImport(format!(
+                    "{}::{}",
+                    bounded_name(import.module()),
+                    bounded_name(import.name())
+                )));
+            }
+        }
+        let mut has_memory = false;
+        let mut has_alloc = false;
+        let mut entries = Vec::new();
+        for export in module.exports() {
+            match export.ty() {
+                ExternType::Memory(m) if export.name() == EXPORT_MEMORY => {
+                    let min_bytes = m.minimum().saturating_mul(65536);
+                    if m.is_64() || m.is_shared() || min_bytes > self.limits.max_memory_bytes as u64
+                    {
+                        return Err(ModuleError::OverLimit {
+                            what: "a memory",
+                            limit: format!("{} bytes", self.limits.max_memory_bytes),
+                        });
+                    }
+                    has_memory = true;
+                }
+                ExternType::Table(t) if t.minimum() > self.limits.max_table_elements as u64 => {
+                    return Err(ModuleError::OverLimit {
+                        what: "a table",
+                        limit: format!("{} elements", self.limits.max_table_elements),
+                    });
+                }
+                ExternType::Func(f) if export.name() == EXPORT_ALLOC => {
+                    has_alloc = all_i32(&mut f.params(), 1) && all_i32(&mut f.results(), 1);
+                }
+                ExternType::Func(f) => {
+                    if let Some(name) = export.name().strip_prefix(ENTRY_PREFIX) {
+                        let valid_name = !name.is_empty()
+                            && name.len() <= 64
+                            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                        if valid_name && all_i32(&mut f.params(), 2) && all_i32(&mut f.results(), 1)
+                        {
+                            entries.push(name.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !has_memory {
+            return Err(ModuleError::MissingExport(format!(
+                "its linear memory as `{EXPORT_MEMORY}`"
+            )));
+        }
+        if !has_alloc {
+            return Err(ModuleError::MissingExport(format!(
+                "`{EXPORT_ALLOC}(i32) -> i32`"
+            )));
+        }
+        if entries.is_empty() {
+            return Err(ModuleError::MissingExport(format!(
+                "at least one entry point `{ENTRY_PREFIX}<name>(i32, i32) -> i32`"
+            )));
+        }
+        entries.sort();
+        let validated = ValidatedModule {
+            hash: hash.clone(),
+            entries,
+            module,
+        };
+        self.cache().insert(hash, validated.clone());
+        Ok(validated)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, ValidatedModule>> {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `entry` with `params` (JSON bytes) in a fresh store; returns the module's output.
+    pub fn run(
+        &self,
+        module: &ValidatedModule,
+        entry: &str,
+        params: &[u8],
+        host: Box<dyn Host>,
+    ) -> Result<Vec<u8>, RunError> {
+        if !module.entries.iter().any(|e| e == entry) {
+            return Err(RunError::UnknownEntry(bounded_name(entry)));
+        }
+        let state = RunState {
+            host,
+            limits: self.limits.clone(),
+            memory_denied: false,
+            table_denied: false,
+            failure: None,
+            response: None,
+            output: None,
+            queries: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        store
+            .set_fuel(self.limits.fuel_per_job)
+            .map_err(|_| RunError::Protocol("fuel"))?;
+
+        let result = (|| -> wasmtime::Result<i32> {
+            let instance = self.linker.instantiate(&mut store, &module.module)?;
+            let alloc = instance.get_typed_func::<i32, i32>(&mut store, EXPORT_ALLOC)?;
+            let entry_fn = instance
+                .get_typed_func::<(i32, i32), i32>(&mut store, &format!("{ENTRY_PREFIX}{entry}"))?;
+            let memory = instance
+                .get_memory(&mut store, EXPORT_MEMORY)
+                .ok_or_else(|| wasmtime::Error::msg("no memory"))?;
+            let len = params.len() as i32;
+            let ptr = alloc.call(&mut store, len)?;
+            memory.write(&mut store, ptr as u32 as usize, params)?;
+            entry_fn.call(&mut store, (ptr, len))
+        })();
+
+        let state = store.data_mut();
+        match result {
+            Ok(rc) => {
+                let output = state.output.take().unwrap_or_default();
+                if rc == 0 {
+                    Ok(output)
+                } else {
+                    let text = String::from_utf8_lossy(&output);
+                    Err(RunError::GuestError(text.chars().take(1000).collect()))
+                }
+            }
+            Err(e) => Err(if let Some(f) = state.failure.take() {
+                f
+            } else if state.memory_denied {
+                RunError::MemoryLimit
+            } else if state.table_denied {
+                RunError::TableLimit
+            } else {
+                match e.downcast_ref::<Trap>() {
+                    Some(Trap::OutOfFuel) => RunError::OutOfFuel,
+                    Some(Trap::StackOverflow) => RunError::StackOverflow,
+                    Some(t) => RunError::Trap(t.to_string()),
+                    None => RunError::Trap("the module could not be instantiated or called".into()),
+                }
+            }),
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Scenarios (应用场景): a developer's application to compute on named datasets and columns,
+//! with named modules, for a stated purpose, with a privacy budget — and the operator's
+//! decision. Approval reserves the budget from each dataset's total, atomically.
+//! (Rejection reasons, suspension, expiry and review-before-release are not built yet.)
+
+use std::collections::BTreeMap;
+
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// What a developer applies for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Application {
+    pub purpose: String,
+    /// Dataset id → the columns the scenario may use.
+    pub columns: BTreeMap<String, Vec<String>>,
+    /// SHA-256 ids of the modules allowed to run under this scenario.
+    pub modules: Vec<String>,
+    /// Total ε asked for (per dataset).
+    pub epsilon: f64,
+    /// The most ε one job may spend.
+    pub per_job_epsilon: f64,
+    /// Never below the datasets' own minimum.
+    #[serde(default)]
+    pub min_group_size: u64,
+}
+
+/// Limits an operator may tighten when approving.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    #[serde(default)]
+    pub per_job_epsilon: Option<f64>,
+    #[serde(default)]
+    pub min_group_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Submitted,
+    Approved,
+    Rejected,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Submitted => "submitted",
+            Status::Approved => "approved",
+            Status::Rejected => "rejected",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "approved" => Status::Approved,
+            "rejected" => Status::Rejected,
+            _ => Status::Submitted,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub id: String,
+    pub developer_id: String,
+    pub status: Status,
+    pub application: Application,
+    /// Set on approval: the limits in force.
+    pub epsilon_cap: Option<f64>,
+    pub per_job_epsilon: Option<f64>,
+    pub min_group_size: Option<u64>,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no scenario with that id")]
+    NotFound,
+    #[error("the scenario is {0:?}, not submitted")]
+    NotPending(Status),
+    #[error(
+        "approving would reserve more than dataset {dataset}'s total budget ({left} left to reserve)"
+    )]
+    OverReserved { dataset: String, left: f64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for ScenarioError {
+    fn from(e: rusqlite::Error) -> Self {
+        ScenarioError::Store(e.into())
+    }
+}
+
+fn positive(name: &str, v: f64) -> Result<(), ScenarioError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(ScenarioError::Invalid(format!(
+            "{name} must be a positive number"
+        )))
+    }
+}
+
+/// Files an application after checking it against the catalogue.
+pub fn apply(
+    store: &Store,
+    developer_id: &str,
+    app: Application,
+) -> Result<Scenario, ScenarioError> {
+    if app.purpose.trim().is_empty() || app.purpose.len() > 4000 {
+        return Err(ScenarioError::Invalid(
+            "purpose must be 1 to 4000 characters".into(),
+        ));
+    }
+    positive("epsilon", app.epsilon)?;
+    positive("per_job_epsilon", app.per_job_epsilon)?;
+    if app.per_job_epsilon > app.epsilon {
+        return Err(ScenarioError::Invalid(
+            "per_job_epsilon cannot exceed epsilon".into(),
+        ));
+    }
+    if app.columns.is_empty() || app.columns.len() > 16 {
+        return Err(ScenarioError::Invalid(
+            "name 1 to 16 datasets in `columns`".into(),
+        ));
+    }
+    if app.modules.is_empty()
+        || app.modules.len() > 64
+        || app
+            .modules
+            .iter()
+            .any(|m| m.len() != 64 || !m.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ScenarioError::Invalid(
+            "`modules` must list 1 to 64 module ids (SHA-256, hex)".into(),
+        ));
+    }
+    let mut min_group = app.min_group_size;
+    for (dataset, cols) in &app.columns {
+        let policy = crate::catalog::policy(store, dataset)?.ok_or_else(|| {
+            ScenarioError::Invalid(format!("no dataset {dataset:?} in the catalogue"))
+        })?;
+        if policy.open_attribute == crate::catalog::OpenAttribute::Closed {
+            return Err(ScenarioError::Invalid(format!(
+                "dataset {dataset:?} is closed (不予开放)"
+            )));
+        }
+        if cols.is_empty() {
+            return Err(ScenarioError::Invalid(format!(
+                "name the columns of {dataset:?} you need"
+            )));
+        }
+        if let Some(c) = cols.iter().find(|c| !policy.columns.contains_key(*c)) {
+            return Err(ScenarioError::Invalid(format!(
+                "dataset {dataset:?} has no column {c:?}"
+            )));
+        }
+        min_group = min_group.max(policy.min_group_size);
+    }
+    let app = Application {
+        min_group_size: min_group,
+        ..app
+    };
+    let id = crate::new_id("scn");
+    let created_at = crate::now_rfc3339();
+    let text = serde_json::to_string(&app).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.conn().execute(
+        "INSERT INTO scenarios (id, developer_id, status, application, created_at) VALUES (?1, ?2, 'submitted', ?3, ?4)",
+        params![id, developer_id, text, created_at],
+    )?;
+    Ok(Scenario {
+        id,
+        developer_id: developer_id.to_string(),
+        status: Status::Submitted,
+        application: app,
+        epsilon_cap: None,
+        per_job_epsilon: None,
+        min_group_size: None,
+        decided_by: None,
+        decided_at: None,
+        created_at,
+    })
+}
+
+const COLUMNS: &str = "id, developer_id, status, application, epsilon_cap, per_job_epsilon, min_group_size, decided_by, decided_at, created_at";
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
+    let status: String = r.get(2)?;
+    let app_text: String = r.get(3)?;
+    Ok((
+        Scenario {
+            id: r.get(0)?,
+            developer_id: r.get(1)?,
+            status: Status::parse(&status),
+            application: Application {
+                purpose: String::new(),
+                columns: BTreeMap::new(),
+                modules: vec![],
+                epsilon: 0.0,
+                per_job_epsilon: 0.0,
+                min_group_size: 0,
+            },
+            epsilon_cap: r.get(4)?,
+            per_job_epsilon: r.get(5)?,
+            min_group_size: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+            decided_by: r.get(7)?,
+            decided_at: r.get(8)?,
+            created_at: r.get(9)?,
+        },
+        app_text,
+    ))
+}
+
+fn finish((mut s, text): (Scenario, String)) -> Result<Scenario, StoreError> {
+    s.application = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(s)
+}
+
+pub fn get(store: &Store, id: &str) -> Result<Option<Scenario>, StoreError> {
+    let row = store
+        .conn()
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM scenarios WHERE id = ?1"),
+            params![id],
+            from_row,
+        )
+        .optional()?;
+    row.map(finish).transpose()
+}
+
+/// All scenarios, or one developer's.
+pub fn list(store: &Store, developer_id: Option<&str>) -> Result<Vec<Scenario>, StoreError> {
+    let rows: Vec<(Scenario, String)> = {
+        let conn = store.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM scenarios WHERE ?1 IS NULL OR developer_id = ?1 ORDER BY created_at, id"
+        ))?;
+        stmt.query_map(params![developer_id], from_row)?
+            .collect::<Result<_, _>>()?
+    };
+    rows.into_iter().map(finish).collect()
+}
+
+/// ε reserved by approved scenarios on a dataset.
+pub fn reserved_for_dataset(store: &Store, dataset_id: &str) -> Result<f64, StoreError> {
+    reserved_in(&store.conn(), dataset_id)
+}
+
+fn reserved_in(conn: &rusqlite::Connection, dataset_id: &str) -> Result<f64, StoreError> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(SUM(s.epsilon_cap), 0) FROM scenarios s, json_each(s.application, '$.columns') d
+         WHERE s.status = 'approved' AND d.key = ?1",
+        params![dataset_id],
+        |r| r.get(0),
+    )?)
+}
+
+/// Approves a submitted scenario, possibly with tighter limits, reserving its ε from every
+/// dataset it names. Check and reservation happen in one write transaction.
+pub fn approve(
+    store: &Store,
+    id: &str,
+    operator_id: &str,
+    approval: &Approval,
+) -> Result<Scenario, ScenarioError> {
+    let scenario = get(store, id)?.ok_or(ScenarioError::NotFound)?;
+    if scenario.status != Status::Submitted {
+        return Err(ScenarioError::NotPending(scenario.status));
+    }
+    let app = &scenario.application;
+    let tighter = |name: &str, asked: f64, given: Option<f64>| -> Result<f64, ScenarioError> {
+        match given {
+            None => Ok(asked),
+            Some(v) => {
+                positive(name, v)?;
+                if v > asked {
+                    Err(ScenarioError::Invalid(format!(
+                        "{name} may only be tightened: {v} is more than the {asked} applied for"
+                    )))
+                } else {
+                    Ok(v)
+                }
+            }
+        }
+    };
+    let epsilon = tighter("epsilon", app.epsilon, approval.epsilon)?;
+    let per_job = tighter(
+        "per_job_epsilon",
+        app.per_job_epsilon,
+        approval.per_job_epsilon,
+    )?
+    .min(epsilon);
+    let min_group = approval.min_group_size.unwrap_or(0).max(app.min_group_size);
+
+    let mut conn = store.conn();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for dataset in app.columns.keys() {
+        let total: f64 = crate::catalog::policy_total_in(&tx, dataset)?;
+        let left = total - reserved_in(&tx, dataset)?;
+        if epsilon > left + 1e-12 {
+            return Err(ScenarioError::OverReserved {
+                dataset: dataset.clone(),
+                left: left.max(0.0),
+            });
+        }
+    }
+    let now = crate::now_rfc3339();
+    let changed = tx.execute(
+        "UPDATE scenarios SET status = 'approved', epsilon_cap = ?2, per_job_epsilon = ?3, min_group_size = ?4,
+         decided_by = ?5, decided_at = ?6 WHERE id = ?1 AND status = 'submitted'",
+        params![id, epsilon, per_job, min_group as i64, operator_id, now],
+    )?;
+    if changed != 1 {
+        return Err(ScenarioError::NotPending(Status::Approved));
+    }
+    tx.commit()?;
+    drop(conn);
+    Ok(get(store, id)?.ok_or(ScenarioError::NotFound)?)
+}
+
+impl Scenario {
+    pub fn status_str(&self) -> &'static str {
+        self.status.as_str()
+    }
+}

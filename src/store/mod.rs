@@ -1,0 +1,119 @@
+//! The SQLite file that holds metadata, the ledger and the audit log. WAL mode with
+//! `synchronous=FULL`: a commit is on disk when it returns, which the ledger relies on.
+//! One connection behind a mutex: writes are serialised, which is also what makes the
+//! ledger's check-then-debit atomic.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS principals (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    organisation TEXT,
+    licence_id TEXT,
+    token_hash BLOB NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    schema TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS modules (
+    hash TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    entries TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (hash, owner_id)
+);
+CREATE TABLE IF NOT EXISTS scenarios (
+    id TEXT PRIMARY KEY,
+    developer_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    application TEXT NOT NULL,
+    epsilon_cap REAL,
+    per_job_epsilon REAL,
+    min_group_size INTEGER,
+    decided_by TEXT,
+    decided_at TEXT,
+    reason TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    developer_id TEXT NOT NULL,
+    scenario_id TEXT NOT NULL,
+    module_hash TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error_code TEXT,
+    error_message TEXT,
+    report TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    scenario_id TEXT NOT NULL,
+    dataset_id TEXT NOT NULL,
+    developer_id TEXT NOT NULL,
+    epsilon REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_scenario ON ledger (scenario_id);
+CREATE INDEX IF NOT EXISTS ledger_job ON ledger (job_id);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    principal_id TEXT,
+    action TEXT NOT NULL,
+    target TEXT,
+    outcome TEXT NOT NULL
+);
+"#;
+
+impl Store {
+    /// Opens (creating if needed) `<data_dir>/unseen.sqlite`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(data_dir.join("unseen.sqlite"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The connection. Hold it only for short, non-async work.
+    pub fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
