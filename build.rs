@@ -8,7 +8,7 @@ use std::process::Command;
 
 const TARGET: &str = "wasm32-unknown-unknown";
 /// Guest crates built and embedded; each becomes `$OUT_DIR/<name>.wasm`.
-const GUESTS: &[&str] = &["district_stats"];
+const GUESTS: &[&str] = &["district_stats", "query_runner"];
 
 fn main() {
     let root =

@@ -56,6 +56,8 @@ pub mod examples {
     /// `examples/district_stats`: WORKLOADS.md's Q1, post-processed into a report.
     pub const DISTRICT_STATS: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/district_stats.wasm"));
+    /// `examples/query_runner`: runs the queries named in its params; returns each release or refusal.
+    pub const QUERY_RUNNER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/query_runner.wasm"));
 }
 
 /// Seconds since the Unix epoch, as RFC 3339 text. The one place the wall clock is read for

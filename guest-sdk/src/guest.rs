@@ -16,10 +16,9 @@ unsafe extern "C" {
 /// Hands the host a buffer of `len` bytes; the guest takes it back in [`__run_entry`].
 #[unsafe(export_name = "unseen_alloc")]
 extern "C" fn unseen_alloc(len: i32) -> i32 {
-    let mut buf = Vec::<u8>::with_capacity(len.max(0) as usize);
-    let ptr = buf.as_mut_ptr();
-    core::mem::forget(buf);
-    ptr as i32
+    // A boxed slice has exactly `len` bytes, so `__run_entry` can rebuild it with the same layout.
+    let buf = vec![0u8; len.max(0) as usize].into_boxed_slice();
+    Box::into_raw(buf) as *mut u8 as i32
 }
 
 /// Runs a DP query through the host's gate.

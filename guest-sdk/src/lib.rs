@@ -8,7 +8,7 @@
 //! - [`query`] / [`Query`] run a DP query (wasm32 only).
 //! - [`entry!`] exports a function as an entry point a job can name.
 //!
-//! ```ignore
+//! ```
 //! use unseen_guest::{entry, Query, Json};
 //!
 //! fn main_entry(params: Json) -> Result<Json, String> {
@@ -20,6 +20,9 @@
 //!     Ok(serde_json::json!({ "rows": release.rows.len() }))
 //! }
 //! entry!(main => main_entry);
+//!
+//! // Built natively (as here) there is no host to ask: queries answer `no_host`.
+//! assert!(main_entry(serde_json::json!({})).unwrap_err().contains("only inside unseen"));
 //! ```
 
 pub mod contract;

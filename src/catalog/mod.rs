@@ -198,6 +198,14 @@ fn check_against_file(
                 path.display()
             ))
         })?;
+    // The gate's fixed-point sums are proven not to overflow for at most 2^32 rows.
+    let rows = builder.metadata().file_metadata().num_rows();
+    if rows > 1i64 << 32 {
+        return Err(bad(format!(
+            "field `path`: {} has {rows} rows; at most 2^32 are supported",
+            path.display()
+        )));
+    }
     let schema = builder.schema();
     for (name, column) in &policy.columns {
         let field = schema

@@ -263,6 +263,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         7,
         "Developer submits a job: Q1 (trips and fare sums per district, ε = 1.0) through the gate",
     );
+    let submitted = std::time::Instant::now();
     let job = client
         .call(Method::POST, "/v1/jobs", &dev_token, Some(json!({"scenario_id": scenario_id, "module": module_id, "entry": "main", "params": {"epsilon": 1.0}})))
         .await?;
@@ -287,6 +288,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             None,
         )
         .await?;
+    println!(
+        "    job {job_id} finished in {:.0} ms from submission to result ({} rows scanned inside the domain)",
+        submitted.elapsed().as_secs_f64() * 1000.0,
+        opts.rows
+    );
     print_report(&report);
 
     step(

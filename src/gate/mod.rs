@@ -442,3 +442,37 @@ fn calibrate(spec: &MeasureSpec, epsilon: f64) -> Result<Calibrated, GateError> 
         "could not fit the noise scale under the requested ε".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::logical_expr::lit;
+
+    #[test]
+    fn counts_get_scale_one_over_epsilon_from_opendp() {
+        let c = calibrate(&MeasureSpec::Rows, 0.5).unwrap();
+        assert!((c.scale - 2.0).abs() < 1e-6, "{}", c.scale);
+        assert!(c.epsilon <= 0.5 && c.epsilon > 0.4999, "{}", c.epsilon);
+    }
+
+    #[test]
+    fn sums_take_their_sensitivity_from_the_clamping_bounds() {
+        let fp = 2f64.powi(23);
+        let spec = MeasureSpec::ClampedSum {
+            expr: lit(0.0),
+            column: "fare".into(),
+            lo: 0.0,
+            hi: 100.0,
+            shift: 0.0,
+            fixed_point: fp,
+        };
+        let c = calibrate(&spec, 0.5).unwrap();
+        // 100 per row, in fixed-point units, over ε = 0.5.
+        assert!((c.scale / fp - 200.0).abs() < 1e-3, "{}", c.scale / fp);
+        assert!(c.epsilon <= 0.5);
+        // The noise is real: two draws over the same data differ (P(equal) ≈ 1/(2·scale)).
+        let a = c.measurement.invoke(&vec![0i64; 8]).unwrap();
+        let b = c.measurement.invoke(&vec![0i64; 8]).unwrap();
+        assert_ne!(a, b);
+    }
+}

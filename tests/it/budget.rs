@@ -1,0 +1,117 @@
+//! No overspend: a query beyond a cap releases nothing and debits nothing; approvals cannot
+//! reserve more than a dataset has.
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::Server;
+
+const Q1: &str =
+    "SELECT district, COUNT(*) AS trips, SUM(fare) AS fare_sum FROM trips GROUP BY district";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_beyond_the_scenario_budget_releases_and_debits_nothing() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "fare"], 1.0, 1.0)
+        .await;
+    let q = |eps: f64| json!([{"sql": Q1, "epsilon": eps, "bounds": {"fare": [0, 100]}}]);
+
+    let (answers, first) = s.ask(&scenario, &module, q(1.0)).await;
+    assert!(answers[0]["release"].is_object(), "{answers}");
+    assert_eq!(s.ledger_len().await, 1);
+
+    let (answers, second) = s.ask(&scenario, &module, q(0.5)).await;
+    assert_eq!(answers[0]["error"]["code"], "budget_exceeded", "{answers}");
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was released")
+    );
+    assert_eq!(second["releases"], json!([]));
+    assert_eq!(second["epsilon_spent"], 0.0);
+    assert_eq!(s.ledger_len().await, 1, "the refused job must not debit");
+
+    let (_, budget) = s.call(Method::GET, "/v1/budget", &s.developer, None).await;
+    let spent = budget["scenarios"][0]["epsilon_spent"].as_f64().unwrap();
+    assert_eq!(spent, first["epsilon_spent"].as_f64().unwrap());
+    assert!(budget["scenarios"][0]["epsilon_left"].as_f64().unwrap() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_job_cap_stops_the_query_that_would_cross_it() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "fare"], 5.0, 0.6)
+        .await;
+    let one =
+        json!({"sql": "SELECT district, COUNT(*) FROM trips GROUP BY district", "epsilon": 0.4});
+    let (answers, report) = s.ask(&scenario, &module, json!([one, one])).await;
+    assert!(answers[0]["release"].is_object(), "{answers}");
+    assert_eq!(answers[1]["error"]["code"], "budget_exceeded", "{answers}");
+    assert!(
+        answers[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("job level")
+    );
+    assert_eq!(report["releases"].as_array().unwrap().len(), 1);
+    assert_eq!(s.ledger_len().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_cannot_reserve_more_than_the_dataset_has() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    // The trips policy gives the dataset ε 20 in total.
+    s.approved_scenario(&module, &["district"], 15.0, 1.0).await;
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/v1/scenarios",
+            &s.developer,
+            Some(json!({"purpose": "second", "columns": {"trips": ["district"]}, "modules": [module], "epsilon": 10.0, "per_job_epsilon": 1.0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = body["id"].as_str().unwrap();
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("/v1/scenarios/{id}/approve"),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "budget_over_reserved");
+    // Approving with a tighter cap that fits is allowed.
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("/v1/scenarios/{id}/approve"),
+            &s.operator,
+            Some(json!({"epsilon": 5.0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["epsilon_cap"], 5.0);
+
+    // An unapproved scenario runs nothing.
+    let (_, pending) = s
+        .call(
+            Method::POST,
+            "/v1/scenarios",
+            &s.developer,
+            Some(json!({"purpose": "third", "columns": {"trips": ["district"]}, "modules": [module], "epsilon": 0.5, "per_job_epsilon": 0.5})),
+        )
+        .await;
+    let (status, body) = s
+        .call(Method::POST, "/v1/jobs", &s.developer, Some(json!({"scenario_id": pending["id"], "module": module, "entry": "main", "params": {"queries": []}})))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "scenario_not_approved");
+}

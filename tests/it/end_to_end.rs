@@ -1,0 +1,189 @@
+//! The demo's path as a test: upload, scenario, approval, a Q1 job, the release, the budget,
+//! and the ledger verified offline — including by the `unseen` binary.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::support::{Server, exact_q1};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_q1_job_goes_from_upload_to_a_verified_dp_release() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::DISTRICT_STATS).await;
+    let (_, mine) = s.call(Method::GET, "/v1/modules", &s.developer, None).await;
+    assert_eq!(mine["modules"][0]["id"], module);
+    assert_eq!(mine["modules"][0]["entries"], json!(["main"]));
+
+    let scenario = s
+        .approved_scenario(&module, &["district", "fare"], 3.0, 1.0)
+        .await;
+    let job = s
+        .run_job(&scenario, &module, "main", json!({"epsilon": 1.0}))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let report = s.result(&job).await;
+
+    // One release: the 16 public districts in catalogue order, every one present.
+    let release = &report["releases"][0];
+    let names: Vec<_> = release["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let kinds: Vec<_> = release["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["district", "trips", "fare_sum"]);
+    assert_eq!(kinds, ["key", "count", "sum"]);
+    let rows = release["rows"].as_array().unwrap();
+    let keys: Vec<_> = rows
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_string())
+        .collect();
+    let expected_keys: Vec<_> = (1..=16).map(|k| format!("D{k:02}")).collect();
+    assert_eq!(keys, expected_keys);
+
+    // Noisy, but close: Laplace scale 2 on counts and 200 on sums (ε = 0.5 each). Forty scales
+    // is a bound the noise exceeds with probability e^-40 per cell.
+    let count_scale = release["columns"][1]["noise_scale"].as_f64().unwrap();
+    let sum_scale = release["columns"][2]["noise_scale"].as_f64().unwrap();
+    assert!(
+        (count_scale - 2.0).abs() < 1e-6 && (sum_scale - 200.0).abs() < 1e-3,
+        "{count_scale} {sum_scale}"
+    );
+    let exact = exact_q1(&s.data_path());
+    let mut differs = false;
+    for row in rows {
+        let (n, sum) = exact[row[0].as_str().unwrap()];
+        let noisy_n = row[1].as_i64().unwrap();
+        let noisy_sum = row[2].as_f64().unwrap();
+        assert!(
+            (noisy_n - n).abs() as f64 <= 40.0 * count_scale,
+            "count {noisy_n} vs {n}"
+        );
+        assert!(
+            (noisy_sum - sum).abs() <= 40.0 * sum_scale,
+            "sum {noisy_sum} vs {sum}"
+        );
+        differs |= noisy_n != n;
+    }
+    // P(all 16 discrete-Laplace draws are 0) is about 1e-10: a gate that adds no noise fails here.
+    assert!(differs, "every count was exact: no noise was added");
+
+    // The module's post-processing is in the report, computed from the release.
+    let districts = report["output"]["q1"]["districts"].as_array().unwrap();
+    let first = &districts[0];
+    let mean = rows[0][2].as_f64().unwrap() / rows[0][1].as_f64().unwrap();
+    assert!((first["mean_fare"].as_f64().unwrap() - mean).abs() < 1e-9);
+
+    // Budget: spent what OpenDP's maps say, no more than asked; the rest is left.
+    let spent = report["epsilon_spent"].as_f64().unwrap();
+    assert!(spent <= 1.0 + 1e-12 && spent > 0.999, "{spent}");
+    assert_eq!(release["epsilon"].as_f64().unwrap(), spent);
+    assert!((report["scenario_epsilon_left"].as_f64().unwrap() - (3.0 - spent)).abs() < 1e-9);
+    let (_, budget) = s.call(Method::GET, "/v1/budget", &s.developer, None).await;
+    assert!((budget["scenarios"][0]["epsilon_spent"].as_f64().unwrap() - spent).abs() < 1e-12);
+
+    // Citations: source and version date of the data.
+    assert_eq!(report["citations"][0]["dataset"], "trips");
+    assert_eq!(report["citations"][0]["version_date"], "2026-11-01");
+
+    // The auditor's export verifies with the public key, and an edited copy does not.
+    let export = s
+        .http
+        .get(format!("{}/v1/ledger/export", s.base))
+        .bearer_auth(&s.auditor)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (_, key) = s
+        .call(Method::GET, "/v1/ledger/public-key", &s.auditor, None)
+        .await;
+    let key = key["public_key"].as_str().unwrap();
+    let entries = unseen::ledger::read_export(export.as_bytes()).unwrap();
+    let summary = unseen::ledger::verify(&entries, key).unwrap();
+    assert_eq!(summary.entries, 1);
+    assert_eq!(release["ledger_entry"], 1);
+    let mut line: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
+    line["body"]["epsilon"] = json!(0.1);
+    let tampered = format!("{line}\n");
+    let err = unseen::ledger::verify(
+        &unseen::ledger::read_export(tampered.as_bytes()).unwrap(),
+        key,
+    )
+    .unwrap_err();
+    assert_eq!(err.seq, 1);
+    assert!(err.problem.contains("edited"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_exports_and_verifies_the_ledger_offline() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::DISTRICT_STATS).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "fare"], 3.0, 1.0)
+        .await;
+    for _ in 0..2 {
+        let job = s
+            .run_job(&scenario, &module, "main", json!({"epsilon": 0.5}))
+            .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    let bin = env!("CARGO_BIN_EXE_unseen");
+    let dir = s.dir.path();
+    let export = dir.join("ledger.jsonl");
+    let out = std::process::Command::new(bin)
+        .args(["ledger", "export", "--data-dir"])
+        .arg(dir)
+        .arg("--out")
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::process::Command::new(bin)
+        .args(["ledger", "public-key", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(key.status.success());
+    let key = String::from_utf8(key.stdout).unwrap();
+
+    let verify = |file: &std::path::Path| {
+        std::process::Command::new(bin)
+            .args(["ledger", "verify", "--export"])
+            .arg(file)
+            .args(["--public-key", key.trim()])
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&export);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"entries\": 2"));
+
+    // Remove the first entry: the verifier must refuse and name entry 1.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let cut = dir.join("cut.jsonl");
+    std::fs::write(&cut, text.lines().skip(1).collect::<Vec<_>>().join("\n")).unwrap();
+    let bad = verify(&cut);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("ledger entry 1"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

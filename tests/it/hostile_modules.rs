@@ -1,0 +1,143 @@
+//! Hostile modules: each is refused at upload or ends in a clear error for its own job, while
+//! the server keeps serving and no budget moves.
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::{Server, wat_module};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_outside_the_contract_are_refused_at_upload() {
+    let s = Server::start_with(|c| c.limits.max_module_bytes = 256 * 1024).await;
+    let cases: Vec<(Vec<u8>, StatusCode, &str, &str)> = vec![
+        (
+            wat_module(r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#, "(i32.const 0)"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_import",
+            "wasi_snapshot_preview1::fd_write",
+        ),
+        (
+            wat_module(r#"(import "unseen" "query" (func (param i64) (result i32)))"#, "(i32.const 0)"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_import",
+            "unseen::query",
+        ),
+        (b"(module)".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_module", "not a valid"),
+        (b"\0asm\x01\0\0\0garbage".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_module", "not a valid"),
+        (wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "missing_export", "unseen_alloc"),
+        (
+            wat::parse_str(r#"(module (memory (export "memory") 2000) (func (export "unseen_alloc") (param i32) (result i32) (i32.const 0)) (func (export "unseen_entry_main") (param i32 i32) (result i32) (i32.const 0)))"#).unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "module_over_limits",
+            "memory",
+        ),
+        (vec![0u8; 300 * 1024], StatusCode::PAYLOAD_TOO_LARGE, "module_too_large", "limited"),
+    ];
+    for (bytes, status, code, says) in cases {
+        let (got, body) = s.upload(&s.developer, &bytes).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(says),
+            "{body}"
+        );
+    }
+    let (_, mine) = s.call(Method::GET, "/v1/modules", &s.developer, None).await;
+    assert_eq!(
+        mine["modules"],
+        json!([]),
+        "a refused upload must store nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_modules_end_their_own_job_and_nothing_else() {
+    let s = Server::start().await;
+    let evil = [
+        (
+            "spin",
+            wat_module("", "(loop $l (br $l)) (i32.const 0)"),
+            "out_of_fuel",
+        ),
+        (
+            "memory",
+            wat_module(
+                "",
+                "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 64)) (i32.const -1)))) (i32.const 0)",
+            ),
+            "memory_limit",
+        ),
+        (
+            "recursion",
+            wat_module("", "(call $entry (local.get 0) (local.get 1))"),
+            "stack_overflow",
+        ),
+        ("trap", wat_module("", "(unreachable)"), "guest_trap"),
+    ];
+    let good = s.upload_ok(unseen::examples::DISTRICT_STATS).await;
+    let mut ids = vec![good.clone()];
+    for (_, wasm, _) in &evil {
+        ids.push(s.upload_ok(wasm).await);
+    }
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/v1/scenarios",
+            &s.developer,
+            Some(json!({"purpose": "hostile", "columns": {"trips": ["district", "fare"]}, "modules": ids, "epsilon": 2.0, "per_job_epsilon": 1.0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let scenario = body["id"].as_str().unwrap().to_string();
+    s.call(
+        Method::POST,
+        &format!("/v1/scenarios/{scenario}/approve"),
+        &s.operator,
+        None,
+    )
+    .await;
+
+    for (i, (name, _, code)) in evil.iter().enumerate() {
+        let module = &ids[i + 1];
+        let (status, job) = s
+            .call(
+                Method::POST,
+                "/v1/jobs",
+                &s.developer,
+                Some(json!({"scenario_id": scenario, "module": module, "entry": "main"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        // The server answers while the hostile job runs.
+        assert!(s.health().await, "health check failed while {name} ran");
+        let id = job["id"].as_str().unwrap();
+        let done = loop {
+            let (_, j) = s
+                .call(Method::GET, &format!("/v1/jobs/{id}"), &s.developer, None)
+                .await;
+            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
+                break j;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(done["status"], "failed", "{name}: {done}");
+        assert_eq!(done["error"]["code"], *code, "{name}: {done}");
+        let (status, result) = s
+            .call(
+                Method::GET,
+                &format!("/v1/jobs/{id}/result"),
+                &s.developer,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(result["error"]["code"], "job_failed");
+    }
+    assert_eq!(s.ledger_len().await, 0, "no hostile job may spend budget");
+
+    // And an honest job still runs afterwards.
+    let job = s
+        .run_job(&scenario, &good, "main", json!({"epsilon": 1.0}))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+}

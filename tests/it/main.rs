@@ -1,0 +1,10 @@
+//! Integration tests: one binary, each test against a real server on a loopback socket with its
+//! own data directory (real SQLite file, real Parquet data, real wasm modules).
+
+mod budget;
+mod end_to_end;
+mod examples;
+mod hostile_modules;
+mod http_errors;
+mod sql_surface;
+mod support;

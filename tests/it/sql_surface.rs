@@ -1,0 +1,121 @@
+//! The domain's SQL surface is closed: a module's SQL cannot create, drop, copy, insert, set,
+//! read files or URLs, call table functions, or name a table or column outside its scenario;
+//! and what the gate cannot bound it refuses with a message that says how to fix it.
+//! Refusals spend nothing.
+
+use serde_json::json;
+
+use crate::support::Server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_sql_outside_the_scenario_or_the_gate_is_refused() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    // person_id and distance_km exist in the dataset but are not in this scenario.
+    let scenario = s
+        .approved_scenario(
+            &module,
+            &["district", "hour", "cell", "fare", "trip_id"],
+            5.0,
+            5.0,
+        )
+        .await;
+    let data = s.data_path().display().to_string();
+    let stolen = s.dir.path().join("stolen.parquet");
+    let stolen_text = stolen.display().to_string();
+
+    let either = ["sql_refused", "sql_invalid"];
+    let cases: Vec<(String, &[&str], &str)> = vec![
+        ("CREATE TABLE t AS SELECT * FROM trips".into(), &either, ""),
+        ("DROP TABLE trips".into(), &either, ""),
+        (format!("COPY trips TO '{stolen_text}'"), &either, ""),
+        (format!("COPY (SELECT * FROM trips) TO '{stolen_text}' STORED AS PARQUET"), &either, ""),
+        (format!("CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '{data}'"), &either, ""),
+        ("INSERT INTO trips (trip_id) VALUES (1)".into(), &either, ""),
+        ("SET datafusion.execution.target_partitions = 1".into(), &either, ""),
+        (format!("SELECT COUNT(*) FROM '{data}'"), &["sql_invalid"], ""),
+        ("SELECT COUNT(*) FROM generate_series(1, 1000000000)".into(), &["sql_invalid"], ""),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r".into(), &["sql_invalid", "unsupported_query"], ""),
+        ("SELECT district, COUNT(*) FROM secrets GROUP BY district".into(), &["sql_invalid"], "secrets"),
+        ("SELECT district, SUM(distance_km) FROM trips GROUP BY district".into(), &["sql_invalid"], "distance_km"),
+        ("SELECT person_id, COUNT(*) FROM trips GROUP BY person_id".into(), &["sql_invalid"], "person_id"),
+        ("SELECT cell, COUNT(*) FROM trips GROUP BY cell".into(), &["key_not_public"], "cell"),
+        ("SELECT district, SUM(trip_id) FROM trips GROUP BY district".into(), &["unbounded_column"], "bounds"),
+        ("SELECT fare FROM trips".into(), &["unsupported_query"], "aggregate"),
+        ("SELECT district, COUNT(*) FROM trips GROUP BY district HAVING COUNT(*) > 5".into(), &["unsupported_query"], "HAVING"),
+        ("SELECT district, COUNT(*) FROM trips WHERE 1 / (hour - 3) > 0 GROUP BY district".into(), &["expression_not_allowed"], "comparisons"),
+        ("SELECT t1.district, COUNT(*) FROM trips t1 JOIN trips t2 ON t1.trip_id = t2.trip_id GROUP BY t1.district".into(), &["unsupported_query"], ""),
+        ("SELECT district, MAX(fare) FROM trips GROUP BY district".into(), &["unsupported_aggregate", "sql_invalid"], ""),
+        ("SELECT district, COUNT(DISTINCT cell) FROM trips GROUP BY district".into(), &["unsupported_aggregate"], "DISTINCT"),
+    ];
+    let queries: Vec<_> = cases
+        .iter()
+        .map(|(sql, _, _)| json!({"sql": sql, "epsilon": 0.1}))
+        .collect();
+    let (answers, report) = s.ask(&scenario, &module, json!(queries)).await;
+    for ((sql, codes, mentions), answer) in cases.iter().zip(answers.as_array().unwrap()) {
+        let code = answer["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{sql} was not refused: {answer}"));
+        assert!(codes.contains(&code), "{sql}: got {code}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.is_empty() && message.contains(mentions),
+            "{sql}: {message}"
+        );
+    }
+    assert!(!stolen.exists(), "COPY wrote a file");
+    assert_eq!(report["releases"], json!([]));
+    assert_eq!(
+        s.ledger_len().await,
+        0,
+        "refused queries must spend nothing"
+    );
+
+    // The session still answers a proper query after all that.
+    let (answers, _) = s
+        .ask(&scenario, &module, json!([{"sql": "SELECT district, COUNT(*) AS n FROM trips WHERE hour BETWEEN 7 AND 9 GROUP BY district", "epsilon": 0.5}]))
+        .await;
+    let release = &answers[0]["release"];
+    assert_eq!(
+        release["rows"].as_array().map(Vec::len),
+        Some(16),
+        "{answers}"
+    );
+    assert_eq!(s.ledger_len().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn means_and_two_key_groupings_release_every_public_key() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "hour", "fare"], 5.0, 5.0)
+        .await;
+    let (answers, _) = s
+        .ask(
+            &scenario,
+            &module,
+            json!([{"sql": "SELECT district, hour, AVG(fare) AS mean_fare FROM trips GROUP BY district, hour", "epsilon": 1.0, "bounds": {"fare": [0, 100]}}]),
+        )
+        .await;
+    let release = &answers[0]["release"];
+    let rows = release["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answers}"));
+    assert_eq!(rows.len(), 16 * 24, "all 384 public (district, hour) keys");
+    assert_eq!(release["columns"][2]["kind"], "mean");
+    // Means are clamped into the bounds; suppressed (small) groups are null.
+    let mut released = 0;
+    for row in rows {
+        if let Some(m) = row[2].as_f64() {
+            assert!((0.0..=100.0).contains(&m), "{m}");
+            released += 1;
+        }
+    }
+    assert_eq!(
+        released + release["suppressed_groups"].as_u64().unwrap() as usize,
+        384
+    );
+    assert!(released > 0);
+}
