@@ -81,7 +81,7 @@ enum PrincipalCommand {
 
 #[derive(Subcommand)]
 enum LedgerCommand {
-    /// Write every entry as JSON lines.
+    /// Write every entry as JSON lines, closed by a signed checkpoint.
     Export {
         #[arg(long)]
         data_dir: PathBuf,
@@ -94,7 +94,8 @@ enum LedgerCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Verify the chain and signatures: of a data directory, or offline of an export.
+    /// Verify chain, signatures, Merkle root and checkpoint, and replay every debit against
+    /// the grants: of a data directory, or offline of an export.
     Verify {
         #[arg(long, conflicts_with_all = ["export", "public_key"])]
         data_dir: Option<PathBuf>,
@@ -103,6 +104,23 @@ enum LedgerCommand {
         /// The public key: hex, or a file holding it.
         #[arg(long, requires = "export")]
         public_key: Option<String>,
+    },
+    /// ε spent per scenario, dataset and developer against the caps granted.
+    Totals {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Measure durable reservations per second with N concurrent clients (prints JSON).
+    Bench {
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 2000)]
+        debits: usize,
+    },
+    /// Build a synthetic signed export of N entries, then time its offline verification.
+    BenchVerify {
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
     },
 }
 
@@ -200,20 +218,44 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+fn read_key(key: &str) -> anyhow::Result<String> {
+    let key = if std::path::Path::new(key).exists() {
+        std::fs::read_to_string(key)?
+    } else {
+        key.to_string()
+    };
+    Ok(key.trim().to_string())
+}
+
 fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
-    use unseen::ledger;
+    use unseen::ledger::{self, Ledger};
+    let open = |dir: &PathBuf| -> anyhow::Result<Ledger> {
+        anyhow::ensure!(
+            dir.join("unseen.sqlite").exists(),
+            "no unseen data directory at {}",
+            dir.display()
+        );
+        Ok(Ledger::open(unseen::store::Store::open(dir)?, dir)?)
+    };
     match command {
         LedgerCommand::Export { data_dir, out } => {
-            let store = unseen::store::Store::open(&data_dir)?;
-            let entries = ledger::entries(&store)?;
+            let l = open(&data_dir)?;
+            let checkpoint = l.checkpoint(true)?;
+            let mut entries = l.all_entries()?;
+            entries.truncate(checkpoint.tree_size as usize);
             match out {
                 Some(path) => ledger::export(
                     &entries,
+                    Some(&checkpoint),
                     std::io::BufWriter::new(std::fs::File::create(&path)?),
                 )?,
-                None => ledger::export(&entries, std::io::stdout().lock())?,
+                None => ledger::export(&entries, Some(&checkpoint), std::io::stdout().lock())?,
             }
-            eprintln!("exported {} entries", entries.len());
+            eprintln!(
+                "exported {} entries, closed by a signed checkpoint (root {})",
+                entries.len(),
+                &checkpoint.root[..16]
+            );
             Ok(())
         }
         LedgerCommand::PublicKey { data_dir } => {
@@ -233,36 +275,62 @@ fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
             export,
             public_key,
         } => {
-            let (entries, key) = match (data_dir, export, public_key) {
+            let started = std::time::Instant::now();
+            let summary = match (data_dir, export, public_key) {
                 (Some(dir), _, _) => {
-                    let store = unseen::store::Store::open(&dir)?;
-                    (
-                        ledger::entries(&store)?,
-                        ledger::Signer::load_or_create(&dir)?.public_key_hex(),
-                    )
+                    let l = open(&dir)?;
+                    let entries = l.all_entries()?;
+                    let summary = ledger::verify(
+                        &entries,
+                        l.recorded_checkpoint()?.as_ref(),
+                        &l.public_key_hex(),
+                    )?;
+                    // The running totals the server checks caps against must match the replay.
+                    for (key, level) in &summary.per_scenario {
+                        let (scenario, dataset) = key.split_once('/').unwrap_or((key, ""));
+                        let stored = l.spent("scenario", scenario, dataset)?;
+                        anyhow::ensure!(
+                            (stored - level.spent).abs() < 1e-9,
+                            "the stored total for {key} ({stored}) differs from the ledger's ({})",
+                            level.spent
+                        );
+                    }
+                    summary
                 }
                 (None, Some(file), Some(key)) => {
-                    let key = if std::path::Path::new(&key).exists() {
-                        std::fs::read_to_string(&key)?
-                    } else {
-                        key
-                    };
                     let f = std::fs::File::open(&file)
                         .with_context(|| format!("open {}", file.display()))?;
-                    (
-                        ledger::read_export(std::io::BufReader::new(f))?,
-                        key.trim().to_string(),
-                    )
+                    let export = ledger::read_export(std::io::BufReader::new(f))?;
+                    ledger::verify(
+                        &export.entries,
+                        export.checkpoint.as_ref(),
+                        &read_key(&key)?,
+                    )?
                 }
                 _ => anyhow::bail!("give --data-dir DIR, or --export FILE with --public-key KEY"),
             };
-            let summary = ledger::verify(&entries, &key)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             eprintln!(
-                "ledger verified: {} entries, chain and signatures intact",
-                summary.entries
+                "ledger verified in {:.2} s: {} entries; chain, signatures{} intact; every debit within its grant",
+                started.elapsed().as_secs_f64(),
+                summary.entries,
+                if summary.checkpoint_size.is_some() {
+                    ", Merkle root and signed checkpoint"
+                } else {
+                    " and Merkle tree"
+                }
             );
             Ok(())
         }
+        LedgerCommand::Totals { data_dir } => {
+            let l = open(&data_dir)?;
+            let summary = ledger::replay(&l.all_entries()?)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        LedgerCommand::Bench { clients, debits } => {
+            unseen::ledger::bench::durable_debits(clients, debits)
+        }
+        LedgerCommand::BenchVerify { entries } => unseen::ledger::bench::verify_entries(entries),
     }
 }

@@ -84,6 +84,7 @@ impl From<crate::scenario::ScenarioError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "budget_over_reserved", e.to_string())
             }
             E::Store(e) => e.into(),
+            E::Ledger(e) => ApiError::internal(e),
         }
     }
 }

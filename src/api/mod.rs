@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,7 @@ pub use error::ApiError;
 use crate::config::Config;
 use crate::gate::Gate;
 use crate::jobs::{JobStatus, Runner, SubmitJob};
-use crate::ledger::Signer;
+use crate::ledger::Ledger;
 use crate::principal::{NewPrincipal, Principal, Role};
 use crate::sandbox::Sandbox;
 use crate::store::Store;
@@ -33,7 +33,7 @@ pub struct AppState {
     pub store: Store,
     pub runner: Runner,
     pub sandbox: Arc<Sandbox>,
-    pub signer: Arc<Signer>,
+    pub ledger: Arc<Ledger>,
     pub data_dir: PathBuf,
     pub config: Arc<Config>,
 }
@@ -45,20 +45,27 @@ impl AppState {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(data_dir.join("modules"))?;
         let store = Store::open(&data_dir)?;
-        let signer = Arc::new(Signer::load_or_create(&data_dir)?);
+        let ledger = Arc::new(Ledger::open(store.clone(), &data_dir)?);
+        let closed = ledger.close_interrupted()?;
+        if closed > 0 {
+            tracing::warn!(
+                "{closed} reservation(s) left open by the last shutdown are closed as interrupted; they stay charged"
+            );
+        }
         if let Some(dir) = &config.policies_dir {
             crate::catalog::load_policies_dir(&store, &data_dir, dir)?;
         }
         let sandbox = Arc::new(Sandbox::new(config.limits.clone())?);
         let gate = Gate::new(
             store.clone(),
-            signer.clone(),
+            ledger.clone(),
             data_dir.clone(),
             config.limits.clone(),
         );
         let runner = Runner::new(
             store.clone(),
             gate,
+            ledger.clone(),
             sandbox.clone(),
             data_dir.join("modules"),
         );
@@ -72,7 +79,7 @@ impl AppState {
             store,
             runner,
             sandbox,
-            signer,
+            ledger,
             data_dir,
             config: Arc::new(config),
         })
@@ -104,6 +111,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/budget", get(budget))
         .route("/v1/ledger", get(ledger_entries))
         .route("/v1/ledger/export", get(ledger_export))
+        .route("/v1/ledger/totals", get(ledger_totals))
+        .route("/v1/ledger/checkpoint", get(ledger_checkpoint))
+        .route("/v1/ledger/proof/{seq}", get(ledger_proof))
+        .route("/v1/ledger/consistency", get(ledger_consistency))
         .route("/v1/ledger/public-key", get(ledger_public_key))
         .route("/v1/audit", get(audit_log))
         .fallback(|| async {
@@ -414,7 +425,7 @@ async fn approve_scenario(
         Ok(b) if b.iter().all(u8::is_ascii_whitespace) => Default::default(),
         _ => parse_json(body)?,
     };
-    let result = crate::scenario::approve(&s.store, &id, &caller.0.id, &approval);
+    let result = crate::scenario::approve(&s.store, &s.ledger, &id, &caller.0.id, &approval);
     audit(
         &s,
         &caller.0,
@@ -492,13 +503,23 @@ async fn budget(State(s): State<AppState>, caller: Caller) -> Result<Json<Json_>
     let own = (caller.0.role == Role::Developer).then_some(caller.0.id.as_str());
     let mut scenarios = Vec::new();
     for sc in crate::scenario::list(&s.store, own)? {
-        let spent = crate::ledger::spent(&s.store, Some(&sc.id), None, None)?;
+        let mut per_dataset = Vec::new();
+        let (mut spent_total, mut left) = (0.0, f64::INFINITY);
+        for dataset in sc.application.columns.keys() {
+            let spent = s.ledger.spent("scenario", &sc.id, dataset)?;
+            spent_total += spent;
+            if let Some(cap) = sc.epsilon_cap {
+                left = f64::min(left, (cap - spent).max(0.0));
+            }
+            per_dataset.push(json!({ "dataset_id": dataset, "epsilon_cap": sc.epsilon_cap, "epsilon_spent": spent }));
+        }
         scenarios.push(json!({
             "scenario_id": sc.id,
             "status": sc.status,
             "epsilon_cap": sc.epsilon_cap,
-            "epsilon_spent": spent,
-            "epsilon_left": sc.epsilon_cap.map(|c| (c - spent).max(0.0)),
+            "epsilon_spent": spent_total,
+            "epsilon_left": sc.epsilon_cap.map(|_| left),
+            "datasets": per_dataset,
         }));
     }
     let mut body = json!({ "scenarios": scenarios });
@@ -520,27 +541,161 @@ async fn budget(State(s): State<AppState>, caller: Caller) -> Result<Json<Json_>
     Ok(Json(body))
 }
 
+fn query<T: DeserializeOwned>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "the query string does not fit this endpoint: {}",
+                e.body_text()
+            ),
+        )
+    })
+}
+
+/// Entries, filtered by kind, dataset, scenario, developer, job and time, paged by `after`.
 async fn ledger_entries(
     State(s): State<AppState>,
     caller: Caller,
+    q: Result<Query<crate::ledger::Filter>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
     caller.require(Role::Auditor, "read the ledger")?;
+    let mut filter = query(q)?;
+    filter.limit = Some(filter.limit.unwrap_or(1000).min(10_000));
+    let entries = s.ledger.entries(&filter)?;
     Ok(Json(
-        json!({ "entries": crate::ledger::entries(&s.store)?, "public_key": s.signer.public_key_hex() }),
+        json!({ "entries": entries, "public_key": s.ledger.public_key_hex() }),
     ))
 }
 
+/// Every entry as JSON lines, closed by a signed checkpoint (which is also recorded).
 async fn ledger_export(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Role::Auditor, "export the ledger")?;
+    let checkpoint = s.ledger.checkpoint(true).map_err(ApiError::internal)?;
+    let mut entries = s.ledger.all_entries()?;
+    entries.truncate(checkpoint.tree_size as usize);
     let mut out = Vec::new();
-    crate::ledger::export(&crate::ledger::entries(&s.store)?, &mut out)
-        .map_err(ApiError::internal)?;
+    crate::ledger::export(&entries, Some(&checkpoint), &mut out).map_err(ApiError::internal)?;
     audit(&s, &caller.0, "ledger_exported", None, "ok");
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], out).into_response())
 }
 
+/// ε spent per scenario, dataset and developer against the caps granted, replayed from the ledger.
+async fn ledger_totals(State(s): State<AppState>, caller: Caller) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Auditor, "read ledger totals")?;
+    let entries = s.ledger.all_entries()?;
+    let summary = crate::ledger::replay(&entries).map_err(|e| ApiError::internal(e))?;
+    Ok(Json(
+        serde_json::to_value(summary).map_err(ApiError::internal)?,
+    ))
+}
+
+async fn ledger_checkpoint(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Auditor, "read ledger checkpoints")?;
+    Ok(Json(
+        serde_json::to_value(s.ledger.checkpoint(true).map_err(ApiError::internal)?)
+            .map_err(ApiError::internal)?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProofQuery {
+    tree_size: Option<u64>,
+}
+
+/// The inclusion proof of one entry, under a given tree size or the current signed checkpoint.
+async fn ledger_proof(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(seq): Path<String>,
+    q: Result<Query<ProofQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    if caller.0.role == Role::Operator {
+        return Err(ApiError::forbidden("read ledger proofs"));
+    }
+    let seq: u64 = seq
+        .parse()
+        .map_err(|_| ApiError::not_found("ledger entry"))?;
+    let q = query(q)?;
+    let checkpoint = match q.tree_size {
+        Some(_) => None,
+        None => Some(s.ledger.checkpoint(false).map_err(ApiError::internal)?),
+    };
+    let size = q
+        .tree_size
+        .or(checkpoint.as_ref().map(|c| c.tree_size))
+        .unwrap_or(0);
+    let entry = s.ledger.entries(&crate::ledger::Filter {
+        after: Some(seq.saturating_sub(1)),
+        limit: Some(1),
+        ..Default::default()
+    })?;
+    // Developers may prove only their own entries.
+    let visible = entry.first().is_some_and(|e| {
+        e.body.seq == seq
+            && (caller.0.role == Role::Auditor
+                || match &e.body.event {
+                    crate::ledger::Event::Reserve { developer_id, .. }
+                    | crate::ledger::Event::Grant { developer_id, .. } => {
+                        *developer_id == caller.0.id
+                    }
+                    crate::ledger::Event::Commit { job_id, .. } => {
+                        crate::jobs::get(&s.store, job_id)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|(j, _)| j.developer_id == caller.0.id)
+                    }
+                })
+    });
+    if !visible {
+        return Err(ApiError::not_found("ledger entry"));
+    }
+    let proof = s.ledger.inclusion_proof(seq, size).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_tree_size",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(json!({ "proof": proof, "checkpoint": checkpoint })))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistencyQuery {
+    from: u64,
+    to: Option<u64>,
+}
+
+/// Proof that the tree of size `to` (default: now) extends the tree of size `from`.
+async fn ledger_consistency(
+    State(s): State<AppState>,
+    caller: Caller,
+    q: Result<Query<ConsistencyQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Auditor, "read ledger proofs")?;
+    let q = query(q)?;
+    let checkpoint = s.ledger.checkpoint(false).map_err(ApiError::internal)?;
+    let to = q.to.unwrap_or(checkpoint.tree_size);
+    let proof = s.ledger.consistency_proof(q.from, to).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_tree_size",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(
+        json!({ "proof": proof, "checkpoint": (to == checkpoint.tree_size).then_some(checkpoint) }),
+    ))
+}
+
 async fn ledger_public_key(State(s): State<AppState>, _caller: Caller) -> Json<Json_> {
-    Json(json!({ "algorithm": "ed25519", "public_key": s.signer.public_key_hex() }))
+    Json(json!({ "algorithm": "ed25519", "public_key": s.ledger.public_key_hex() }))
 }
 
 async fn audit_log(State(s): State<AppState>, caller: Caller) -> Result<Json<Json_>, ApiError> {

@@ -73,6 +73,10 @@ pub struct DatasetPolicy {
     pub privacy_unit: String,
     /// Total ε the dataset may ever spend across all scenarios.
     pub total_epsilon: f64,
+    /// The most ε one developer may spend on this dataset across all their scenarios
+    /// (default: the total).
+    #[serde(default)]
+    pub developer_epsilon: Option<f64>,
     /// Groups whose noisy count falls below this are suppressed.
     pub min_group_size: u64,
     pub columns: BTreeMap<String, ColumnPolicy>,
@@ -118,6 +122,14 @@ impl DatasetPolicy {
         if !(policy.total_epsilon.is_finite() && policy.total_epsilon > 0.0) {
             return Err(bad(
                 "field `total_epsilon`: must be a positive number".into()
+            ));
+        }
+        if policy
+            .developer_epsilon
+            .is_some_and(|d| !(d.is_finite() && d > 0.0))
+        {
+            return Err(bad(
+                "field `developer_epsilon`: must be a positive number".into()
             ));
         }
         if policy.privacy_unit != "row" && !policy.columns.contains_key(&policy.privacy_unit) {
@@ -279,16 +291,17 @@ pub fn load_policies_dir(
     Ok(files.len())
 }
 
-/// A dataset's total ε, read inside a caller's transaction.
-pub(crate) fn policy_total_in(conn: &rusqlite::Connection, id: &str) -> Result<f64, StoreError> {
+/// A dataset's policy, read inside a caller's transaction.
+pub(crate) fn policy_in(
+    conn: &rusqlite::Connection,
+    id: &str,
+) -> Result<DatasetPolicy, StoreError> {
     let text: String = conn.query_row(
         "SELECT policy FROM datasets WHERE id = ?1",
         params![id],
         |r| r.get(0),
     )?;
-    let policy: DatasetPolicy =
-        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok(policy.total_epsilon)
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 pub fn policy(store: &Store, id: &str) -> Result<Option<DatasetPolicy>, StoreError> {
@@ -307,7 +320,7 @@ pub fn policy(store: &Store, id: &str) -> Result<Option<DatasetPolicy>, StoreErr
 fn with_budget(store: &Store, policy: DatasetPolicy) -> Result<Dataset, StoreError> {
     let conn = store.conn();
     let spent: f64 = conn.query_row(
-        "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE dataset_id = ?1",
+        "SELECT COALESCE(SUM(charged), 0) FROM ledger WHERE dataset_id = ?1",
         params![policy.id],
         |r| r.get(0),
     )?;

@@ -303,14 +303,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let key = client
         .call(Method::GET, "/v1/ledger/public-key", &aud_token, None)
         .await?;
-    let entries = crate::ledger::read_export(export.as_bytes())?;
-    let summary = crate::ledger::verify(&entries, key["public_key"].as_str().unwrap_or_default())?;
+    let export = crate::ledger::read_export(export.as_bytes())?;
+    let summary = crate::ledger::verify(
+        &export.entries,
+        export.checkpoint.as_ref(),
+        key["public_key"].as_str().unwrap_or_default(),
+    )?;
     println!(
-        "    {} entr{} verified (hash chain and Ed25519 signatures); total ε {:.4}; head {}",
+        "    {} entries verified: hash chain, Ed25519 signatures, Merkle root {} against the signed checkpoint",
         summary.entries,
-        if summary.entries == 1 { "y" } else { "ies" },
-        summary.total_epsilon,
-        &summary.head_hash[..16]
+        &summary.root[..16]
+    );
+    println!(
+        "    replayed against the approval's grant: {} reservation(s), {} released, ε {:.4} charged in total",
+        summary.reservations, summary.released, summary.total_epsilon
     );
 
     server.abort();

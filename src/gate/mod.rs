@@ -29,7 +29,7 @@ use unseen_guest::contract::{
 use crate::catalog::{DatasetPolicy, KeyValue};
 use crate::config::Limits;
 use crate::engine::{EngineError, JobSession, TableSpec};
-use crate::ledger::{self, Caps, Debit, LedgerError, Signer};
+use crate::ledger::{Ledger, LedgerError, Reservation};
 use crate::scenario::{Scenario, Status};
 use crate::store::{Store, StoreError};
 
@@ -61,6 +61,12 @@ impl GateError {
     pub fn to_query_error(&self) -> QueryError {
         let (code, message) = match self {
             GateError::Refused { code, message } => (*code, message.clone()),
+            GateError::Ledger(LedgerError::NoGrant(dataset)) => (
+                "scenario_not_approved",
+                format!(
+                    "no approval grants this scenario the dataset {dataset:?}; nothing was released or spent"
+                ),
+            ),
             GateError::Ledger(LedgerError::Overspend { level, asked, left }) => (
                 "budget_exceeded",
                 format!(
@@ -105,6 +111,16 @@ impl From<opendp::error::Error> for GateError {
     }
 }
 
+/// A release and the two ledger entries behind it.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub release: Release,
+    /// The `reserve` entry that charged it.
+    pub reservation: u64,
+    /// The `commit` entry written before it left the gate.
+    pub commit: u64,
+}
+
 /// What one job may touch: its scenario, the datasets it names, and a session over them.
 pub struct JobGrant {
     pub job_id: String,
@@ -117,7 +133,7 @@ pub struct JobGrant {
 #[derive(Clone)]
 pub struct Gate {
     store: Store,
-    signer: Arc<Signer>,
+    ledger: Arc<Ledger>,
     data_dir: PathBuf,
     limits: Limits,
 }
@@ -132,10 +148,10 @@ struct Calibrated {
 }
 
 impl Gate {
-    pub fn new(store: Store, signer: Arc<Signer>, data_dir: PathBuf, limits: Limits) -> Self {
+    pub fn new(store: Store, ledger: Arc<Ledger>, data_dir: PathBuf, limits: Limits) -> Self {
         Gate {
             store,
-            signer,
+            ledger,
             data_dir,
             limits,
         }
@@ -195,7 +211,7 @@ impl Gate {
         &self,
         grant: &JobGrant,
         request: &QueryRequest,
-    ) -> Result<Release, GateError> {
+    ) -> Result<Released, GateError> {
         if request.sql.len() > self.limits.max_sql_bytes {
             return Err(GateError::refused(
                 "sql_too_long",
@@ -230,34 +246,62 @@ impl Gate {
         let epsilon: f64 = calibrated.iter().map(|c| c.epsilon).sum();
 
         let scenario = &grant.scenario;
-        let entry = ledger::debit(
-            &self.store,
-            &self.signer,
-            &Debit {
-                job_id: &grant.job_id,
-                scenario_id: &scenario.id,
-                dataset_id: &policy.id,
-                developer_id: &grant.developer_id,
-                epsilon,
-                mechanism: format!(
-                    "laplace:{}",
-                    shape
-                        .measures
-                        .iter()
-                        .map(MeasureSpec::label)
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
-                mode: "query",
-            },
-            Caps {
-                scenario: scenario.epsilon_cap.unwrap_or(0.0),
-                per_job: scenario.per_job_epsilon.unwrap_or(0.0),
-                dataset_total: policy.total_epsilon,
-            },
-        )?;
+        let reservation = self.ledger.reserve(&Reservation {
+            job_id: &grant.job_id,
+            scenario_id: &scenario.id,
+            dataset_id: &policy.id,
+            developer_id: &grant.developer_id,
+            epsilon,
+            mechanism: format!(
+                "laplace:{}",
+                shape
+                    .measures
+                    .iter()
+                    .map(MeasureSpec::label)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            mode: "query",
+        })?;
 
-        // The debit is durable: now, and only now, the data is read.
+        // The reservation is durable: now, and only now, the data is read.
+        match self
+            .produce(grant, &shape, &calibrated, epsilon, reservation.body.seq)
+            .await
+        {
+            Ok(release) => {
+                // The commit is durable before the release leaves the gate.
+                let commit = self.ledger.commit(&reservation, true, "released")?;
+                Ok(Released {
+                    release,
+                    reservation: reservation.body.seq,
+                    commit: commit.body.seq,
+                })
+            }
+            Err(e) => {
+                if let Err(le) =
+                    self.ledger
+                        .commit(&reservation, false, "the query failed while running")
+                {
+                    tracing::error!("could not close reservation {}: {le}", reservation.body.seq);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Computes the exact aggregate, adds noise and builds the release. Runs only after the
+    /// reservation is durable.
+    async fn produce(
+        &self,
+        grant: &JobGrant,
+        shape: &QueryShape,
+        calibrated: &[Calibrated],
+        epsilon: f64,
+        reservation: u64,
+    ) -> Result<Release, GateError> {
+        let policy = &grant.datasets[&shape.table];
+        let scenario = &grant.scenario;
         let exact = grant.session.execute(shape.aggregate_plan()?).await?;
         let keys = shape.key_product();
         let index: HashMap<Vec<String>, usize> = keys
@@ -379,7 +423,7 @@ impl Gate {
             columns,
             rows,
             epsilon,
-            ledger_entry: entry.body.seq,
+            ledger_entry: reservation,
             suppressed_groups: suppressed,
         })
     }

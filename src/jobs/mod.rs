@@ -9,7 +9,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use unseen_guest::contract::{QueryRequest, QueryResponse, Release};
 
-use crate::gate::{Gate, JobGrant};
+use crate::gate::{Gate, JobGrant, Released};
+use crate::ledger::{Checkpoint, InclusionProof, Ledger};
 use crate::sandbox::{Host, Sandbox};
 use crate::store::{Store, StoreError};
 
@@ -89,9 +90,24 @@ pub struct Report {
     /// Every release the module received, in order.
     pub releases: Vec<Release>,
     pub epsilon_spent: f64,
-    /// ε left in the scenario after this job.
+    /// ε left in the scenario after this job (the least left on any of its datasets).
     pub scenario_epsilon_left: f64,
     pub citations: Vec<Citation>,
+    /// Proof that every release was charged in the ledger: a signed checkpoint and, per
+    /// release, inclusion proofs of its `reserve` and `commit` entries under that checkpoint.
+    pub ledger: LedgerEvidence,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LedgerEvidence {
+    pub checkpoint: Checkpoint,
+    pub releases: Vec<ReleaseEvidence>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseEvidence {
+    pub reservation: InclusionProof,
+    pub commit: InclusionProof,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +136,7 @@ fn refused(code: &'static str, message: impl Into<String>) -> SubmitError {
 pub struct Runner {
     store: Store,
     gate: Gate,
+    ledger: Arc<Ledger>,
     sandbox: Arc<Sandbox>,
     modules_dir: std::path::PathBuf,
     slots: Arc<tokio::sync::Semaphore>,
@@ -129,6 +146,7 @@ impl Runner {
     pub fn new(
         store: Store,
         gate: Gate,
+        ledger: Arc<Ledger>,
         sandbox: Arc<Sandbox>,
         modules_dir: std::path::PathBuf,
     ) -> Self {
@@ -138,6 +156,7 @@ impl Runner {
         Runner {
             store,
             gate,
+            ledger,
             sandbox,
             modules_dir,
             slots,
@@ -331,11 +350,16 @@ impl Runner {
                 code: "bad_output".into(),
                 message: "the module's output is not JSON".into(),
             })?;
-        let releases = std::mem::take(&mut *releases.lock().unwrap_or_else(|p| p.into_inner()));
-        let spent = crate::ledger::spent(&self.store, None, Some(job_id), None)
-            .map_err(|e| internal(e.to_string()))?;
-        let scenario_spent = crate::ledger::spent(&self.store, Some(&scenario_id), None, None)
-            .map_err(|e| internal(e.to_string()))?;
+        let released = std::mem::take(&mut *releases.lock().unwrap_or_else(|p| p.into_inner()));
+        let spent: f64 = released.iter().map(|r| r.release.epsilon).sum();
+        let mut left = f64::INFINITY;
+        for dataset in scenario.application.columns.keys() {
+            let on_dataset = self
+                .ledger
+                .spent("scenario", &scenario_id, dataset)
+                .map_err(|e| internal(e.to_string()))?;
+            left = left.min(scenario.epsilon_cap.unwrap_or(0.0) - on_dataset);
+        }
         let citations = grant
             .datasets
             .values()
@@ -346,14 +370,36 @@ impl Runner {
                 version_date: p.version_date.clone(),
             })
             .collect();
+        let checkpoint = self
+            .ledger
+            .checkpoint(false)
+            .map_err(|e| internal(e.to_string()))?;
+        let evidence = released
+            .iter()
+            .map(|r| {
+                Ok(ReleaseEvidence {
+                    reservation: self
+                        .ledger
+                        .inclusion_proof(r.reservation, checkpoint.tree_size)?,
+                    commit: self
+                        .ledger
+                        .inclusion_proof(r.commit, checkpoint.tree_size)?,
+                })
+            })
+            .collect::<Result<Vec<_>, crate::ledger::LedgerError>>()
+            .map_err(|e| internal(e.to_string()))?;
         Ok(Report {
             job_id: job_id.to_string(),
             scenario_id,
             output,
-            releases,
+            releases: released.into_iter().map(|r| r.release).collect(),
             epsilon_spent: spent,
-            scenario_epsilon_left: (scenario.epsilon_cap.unwrap_or(0.0) - scenario_spent).max(0.0),
+            scenario_epsilon_left: left.max(0.0),
             citations,
+            ledger: LedgerEvidence {
+                checkpoint,
+                releases: evidence,
+            },
         })
     }
 }
@@ -363,7 +409,7 @@ struct GateHost {
     gate: Gate,
     grant: Arc<JobGrant>,
     runtime: tokio::runtime::Handle,
-    releases: Arc<Mutex<Vec<Release>>>,
+    releases: Arc<Mutex<Vec<Released>>>,
 }
 
 impl Host for GateHost {
@@ -372,11 +418,12 @@ impl Host for GateHost {
             .runtime
             .block_on(self.gate.release(&self.grant, &request))
         {
-            Ok(release) => {
+            Ok(released) => {
+                let release = released.release.clone();
                 self.releases
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(release.clone());
+                    .push(released);
                 Ok(release)
             }
             Err(e) => Err(e.to_query_error()),

@@ -1,42 +1,95 @@
-//! The privacy-budget ledger. Every debit is one entry, checked against its caps and appended
-//! in a single write transaction, hash-chained (SHA-256 over the previous hash and the entry's
-//! canonical JSON) and signed (Ed25519, ring). The signing key lives in the data directory;
-//! the public key is all an auditor needs to verify an export offline.
-//! (Merkle checkpoints and inclusion proofs are not built yet.)
+//! The privacy-budget ledger: the part nobody has to take on faith.
+//!
+//! Three kinds of entry. A `grant` records an approval's caps (scenario allocation, per-job
+//! cap, dataset total, developer cap) so that the ledger alone is enough to replay every
+//! debit. A `reserve` charges ε *before* any data is read; a `commit` closes a reservation
+//! once its release exists (or says it never will). A reservation left open by a crash stays
+//! charged and is closed as `interrupted` at the next start.
+//!
+//! Each entry is appended in one SQLite `IMMEDIATE` transaction (WAL, `synchronous=FULL`) that
+//! also checks every cap and moves the running totals, so no interleaving can overspend and a
+//! returned entry is on disk. Entries are hash-chained (each names the previous entry's hash),
+//! signed with Ed25519 (ring), and are the leaves of an RFC 6962 Merkle tree with signed
+//! checkpoints, inclusion proofs and consistency proofs. [`verify`] checks all of it offline,
+//! from an export and the public key, and replays every debit against the grants.
 
+pub mod bench;
+pub mod merkle;
+
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
 use std::path::Path;
+use std::sync::Mutex;
 
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
-use rusqlite::{TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Store, StoreError};
+use merkle::{Hash, Tree};
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Slack for float rounding when comparing sums of ε against a cap.
-const CAP_TOLERANCE: f64 = 1e-9;
+pub const CAP_TOLERANCE: f64 = 1e-9;
 
-/// The signed content of one entry. Field order is the canonical order.
+/// What an entry records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// An approval's caps for one dataset of a scenario. A later grant for the same pair
+    /// replaces the earlier one.
+    Grant {
+        scenario_id: String,
+        dataset_id: String,
+        developer_id: String,
+        /// The scenario's allocation on this dataset.
+        epsilon: f64,
+        per_job_epsilon: f64,
+        dataset_total: f64,
+        /// The most this developer may spend on this dataset across all scenarios.
+        developer_epsilon: f64,
+    },
+    /// ε charged before any data is read, whether or not a release follows.
+    Reserve {
+        job_id: String,
+        scenario_id: String,
+        dataset_id: String,
+        developer_id: String,
+        epsilon: f64,
+        /// What is released, e.g. `laplace:count,sum(fare in [0, 100])`.
+        mechanism: String,
+        /// How guest code ran for this release (`query`: no guest code over rows).
+        mode: String,
+    },
+    /// Closes reservation `reservation`: `released` says whether its release was produced.
+    Commit {
+        job_id: String,
+        reservation: u64,
+        released: bool,
+        note: String,
+    },
+}
+
+impl Event {
+    fn kind(&self) -> &'static str {
+        match self {
+            Event::Grant { .. } => "grant",
+            Event::Reserve { .. } => "reserve",
+            Event::Commit { .. } => "commit",
+        }
+    }
+}
+
+/// The signed content of one entry, in canonical field order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EntryBody {
     pub seq: u64,
     pub prev_hash: String,
     pub at: String,
-    pub job_id: String,
-    pub scenario_id: String,
-    pub dataset_id: String,
-    pub developer_id: String,
-    /// ε debited: the sum of the release's measurements' losses from OpenDP's privacy maps.
-    pub epsilon: f64,
-    /// What was released, e.g. `laplace:count,sum`.
-    pub mechanism: String,
-    /// How guest code ran for this release (`query`: no guest code over rows).
-    pub mode: String,
+    #[serde(flatten)]
+    pub event: Event,
 }
 
-/// An entry as exported: body, its hash and the signature over the hash.
+/// An entry: its body, its hash (the Merkle leaf hash of the body) and the signature over it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
@@ -45,13 +98,47 @@ pub struct Entry {
     pub signature: String,
 }
 
-fn body_hash(body: &EntryBody) -> [u8; 32] {
-    // serde_json writes struct fields in declaration order and floats in shortest round-trip
-    // form, so parse→serialise reproduces the signed bytes exactly.
-    let bytes = serde_json::to_vec(body).expect("an entry body always serialises");
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-    out
+/// A signed statement of the tree's size and root at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub tree_size: u64,
+    pub root: String,
+    pub at: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InclusionProof {
+    pub seq: u64,
+    pub leaf_hash: String,
+    pub tree_size: u64,
+    pub path: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsistencyProof {
+    pub from_size: u64,
+    pub to_size: u64,
+    pub path: Vec<String>,
+}
+
+fn body_bytes(body: &EntryBody) -> Vec<u8> {
+    // serde_json writes fields in declaration order and floats in shortest round-trip form,
+    // so parse → serialise reproduces the signed bytes.
+    serde_json::to_vec(body).expect("an entry body always serialises")
+}
+
+fn entry_hash(body: &EntryBody) -> Hash {
+    merkle::leaf_hash(&body_bytes(body))
+}
+
+fn checkpoint_message(tree_size: u64, root: &str, at: &str) -> Vec<u8> {
+    format!("unseen-ledger-checkpoint-v1\n{tree_size}\n{root}\n{at}\n").into_bytes()
+}
+
+fn genesis() -> String {
+    hex::encode([0u8; 32])
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +151,10 @@ pub enum LedgerError {
         asked: f64,
         left: f64,
     },
+    #[error("no approval grants this scenario the dataset {0:?}")]
+    NoGrant(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -110,11 +201,15 @@ impl Signer {
     pub fn public_key_hex(&self) -> String {
         hex::encode(self.key.public_key().as_ref())
     }
+
+    fn sign(&self, msg: &[u8]) -> String {
+        hex::encode(self.key.sign(msg).as_ref())
+    }
 }
 
-/// One debit to append.
+/// A debit to reserve.
 #[derive(Debug, Clone)]
-pub struct Debit<'a> {
+pub struct Reservation<'a> {
     pub job_id: &'a str,
     pub scenario_id: &'a str,
     pub dataset_id: &'a str,
@@ -124,150 +219,593 @@ pub struct Debit<'a> {
     pub mode: &'static str,
 }
 
-/// The caps a debit must fit under.
-#[derive(Debug, Clone, Copy)]
+/// The caps of a grant, as [`Event::Grant`] records them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Caps {
     pub scenario: f64,
     pub per_job: f64,
     pub dataset_total: f64,
+    pub developer: f64,
 }
 
-/// Checks the debit against every cap and appends it, in one `IMMEDIATE` transaction: no
-/// other writer can interleave between the check and the append, and the entry is on disk
-/// (WAL, `synchronous=FULL`) when this returns `Ok`.
-///
-/// # Privacy
-/// Callers must not let anything computed from data leave the gate before this returns `Ok`.
-pub fn debit(
-    store: &Store,
-    signer: &Signer,
-    debit: &Debit<'_>,
-    caps: Caps,
-) -> Result<Entry, LedgerError> {
-    let mut conn = store.conn();
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let sum = |column: &str, value: &str| -> rusqlite::Result<f64> {
-        tx.query_row(
-            &format!("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE {column} = ?1"),
-            params![value],
-            |r| r.get(0),
-        )
-    };
-    for (level, spent, cap) in [
-        ("job", sum("job_id", debit.job_id)?, caps.per_job),
-        (
-            "scenario",
-            sum("scenario_id", debit.scenario_id)?,
-            caps.scenario,
-        ),
-        (
-            "dataset",
-            sum("dataset_id", debit.dataset_id)?,
-            caps.dataset_total,
-        ),
-    ] {
-        if spent + debit.epsilon > cap + CAP_TOLERANCE {
+/// The running totals a reservation is checked against: one rule, used by the server (over
+/// SQLite) and by the offline verifier (over a replay).
+fn check_caps(caps: &Caps, spent: [f64; 4], epsilon: f64) -> Result<(), LedgerError> {
+    let levels = ["job", "scenario", "developer", "dataset"];
+    let limits = [
+        caps.per_job,
+        caps.scenario,
+        caps.developer,
+        caps.dataset_total,
+    ];
+    for ((level, spent), cap) in levels.into_iter().zip(spent).zip(limits) {
+        if !(epsilon.is_finite() && epsilon >= 0.0) {
+            return Err(LedgerError::Invalid(
+                "ε must be a non-negative number".into(),
+            ));
+        }
+        if spent + epsilon > cap + CAP_TOLERANCE {
             return Err(LedgerError::Overspend {
                 level,
-                asked: debit.epsilon,
+                asked: epsilon,
                 left: (cap - spent).max(0.0),
             });
         }
     }
-    let (last_seq, prev_hash): (u64, String) = tx
-        .query_row(
-            "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
-        )
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok((0, GENESIS.to_string())),
-            e => Err(e),
+    Ok(())
+}
+
+/// Keys of the running totals for one reservation: job, scenario, developer, dataset (each
+/// within the dataset).
+fn total_keys(
+    job: &str,
+    scenario: &str,
+    developer: &str,
+    dataset: &str,
+) -> [(&'static str, String); 4] {
+    [
+        ("job", format!("{job}\u{1f}{dataset}")),
+        ("scenario", format!("{scenario}\u{1f}{dataset}")),
+        ("developer", format!("{developer}\u{1f}{dataset}")),
+        ("dataset", dataset.to_string()),
+    ]
+}
+
+pub struct Ledger {
+    store: Store,
+    signer: Signer,
+    tree: Mutex<Tree>,
+}
+
+impl Ledger {
+    /// Opens the ledger in `data_dir`'s store, loading the signing key and the Merkle tree.
+    pub fn open(store: Store, data_dir: &Path) -> Result<Self, LedgerError> {
+        let signer = Signer::load_or_create(data_dir)?;
+        let mut tree = Tree::default();
+        {
+            let conn = store.conn();
+            let mut stmt = conn.prepare("SELECT seq, hash FROM ledger ORDER BY seq")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let seq: i64 = r.get(0)?;
+                let hash: String = r.get(1)?;
+                let mut h = [0u8; 32];
+                hex::decode_to_slice(&hash, &mut h).map_err(|_| {
+                    StoreError::Corrupt(format!("ledger entry {seq}: hash is not hex"))
+                })?;
+                if seq as u64 != tree.len() + 1 {
+                    let expected = tree.len() + 1;
+                    return Err(StoreError::Corrupt(format!(
+                        "ledger entry {expected}: found sequence number {seq} where {expected} was expected (an entry was removed, inserted or moved)"
+                    ))
+                    .into());
+                }
+                tree.push(h);
+            }
+        }
+        Ok(Ledger {
+            store,
+            signer,
+            tree: Mutex::new(tree),
+        })
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        self.signer.public_key_hex()
+    }
+
+    fn tree(&self) -> std::sync::MutexGuard<'_, Tree> {
+        self.tree.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in one write transaction and appends the events it returns, atomically with
+    /// whatever else `f` wrote. Nothing is appended (or written) if `f` fails.
+    pub fn transact<T, E>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<(T, Vec<Event>), E>,
+    ) -> Result<(T, Vec<Entry>), E>
+    where
+        E: From<LedgerError>,
+    {
+        let mut conn = self.store.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(LedgerError::from)?;
+        let (value, events) = f(&tx)?;
+        let entries = self.append_in(&tx, events)?;
+        tx.commit().map_err(LedgerError::from)?;
+        // Still under the connection lock: the tree grows in the same order as the table.
+        let mut tree = self.tree();
+        for e in &entries {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(&e.hash, &mut h)
+                .map_err(|_| LedgerError::Invalid("hash".into()))?;
+            tree.push(h);
+        }
+        Ok((value, entries))
+    }
+
+    fn append_in(
+        &self,
+        tx: &Transaction<'_>,
+        events: Vec<Event>,
+    ) -> Result<Vec<Entry>, LedgerError> {
+        let (mut seq, mut prev): (u64, String) = tx
+            .query_row(
+                "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((0, genesis()));
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            seq += 1;
+            let body = EntryBody {
+                seq,
+                prev_hash: prev,
+                at: crate::now_rfc3339(),
+                event,
+            };
+            let hash = entry_hash(&body);
+            let entry = Entry {
+                hash: hex::encode(hash),
+                signature: self.signer.sign(&hash),
+                body,
+            };
+            let (job, scenario, dataset, developer, charged, reservation) = match &entry.body.event
+            {
+                Event::Grant {
+                    scenario_id,
+                    dataset_id,
+                    developer_id,
+                    ..
+                } => (
+                    None,
+                    Some(scenario_id),
+                    Some(dataset_id),
+                    Some(developer_id),
+                    0.0,
+                    None,
+                ),
+                Event::Reserve {
+                    job_id,
+                    scenario_id,
+                    dataset_id,
+                    developer_id,
+                    epsilon,
+                    ..
+                } => {
+                    for (level, key) in total_keys(job_id, scenario_id, developer_id, dataset_id) {
+                        tx.execute(
+                            "INSERT INTO budget_totals (level, key, spent) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (level, key) DO UPDATE SET spent = spent + excluded.spent",
+                            params![level, key, epsilon],
+                        )?;
+                    }
+                    (
+                        Some(job_id),
+                        Some(scenario_id),
+                        Some(dataset_id),
+                        Some(developer_id),
+                        *epsilon,
+                        None,
+                    )
+                }
+                Event::Commit {
+                    job_id,
+                    reservation,
+                    ..
+                } => (
+                    Some(job_id),
+                    None,
+                    None,
+                    None,
+                    0.0,
+                    Some(*reservation as i64),
+                ),
+            };
+            tx.execute(
+                "INSERT INTO ledger (seq, body, hash, signature, kind, job_id, scenario_id, dataset_id, developer_id, charged, reservation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    seq as i64,
+                    String::from_utf8(body_bytes(&entry.body)).map_err(|e| LedgerError::Invalid(e.to_string()))?,
+                    entry.hash,
+                    entry.signature,
+                    entry.body.event.kind(),
+                    job,
+                    scenario,
+                    dataset,
+                    developer,
+                    charged,
+                    reservation
+                ],
+            )?;
+            prev = entry.hash.clone();
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// The latest grant for a scenario on a dataset, read inside `tx`.
+    fn grant_in(
+        tx: &Transaction<'_>,
+        scenario_id: &str,
+        dataset_id: &str,
+    ) -> Result<Option<Caps>, LedgerError> {
+        let body: Option<String> = tx
+            .query_row(
+                "SELECT body FROM ledger WHERE kind = 'grant' AND scenario_id = ?1 AND dataset_id = ?2 ORDER BY seq DESC LIMIT 1",
+                params![scenario_id, dataset_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(body) = body else { return Ok(None) };
+        match serde_json::from_str::<EntryBody>(&body)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            .event
+        {
+            Event::Grant {
+                epsilon,
+                per_job_epsilon,
+                dataset_total,
+                developer_epsilon,
+                ..
+            } => Ok(Some(Caps {
+                scenario: epsilon,
+                per_job: per_job_epsilon,
+                dataset_total,
+                developer: developer_epsilon,
+            })),
+            _ => Err(StoreError::Corrupt("a grant row holds another kind of entry".into()).into()),
+        }
+    }
+
+    /// Reserves ε for one release after checking it against every cap of the scenario's grant,
+    /// all in one transaction.
+    ///
+    /// # Privacy
+    /// Callers must read no data for this release before this returns `Ok`, and must
+    /// [`commit`](Self::commit) before the release leaves the gate.
+    pub fn reserve(&self, r: &Reservation<'_>) -> Result<Entry, LedgerError> {
+        let ((), mut entries) = self.transact(|tx| {
+            let caps = Self::grant_in(tx, r.scenario_id, r.dataset_id)?
+                .ok_or_else(|| LedgerError::NoGrant(r.dataset_id.to_string()))?;
+            let mut spent = [0.0; 4];
+            for (i, (level, key)) in
+                total_keys(r.job_id, r.scenario_id, r.developer_id, r.dataset_id)
+                    .into_iter()
+                    .enumerate()
+            {
+                spent[i] = tx
+                    .query_row(
+                        "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
+                        params![level, key],
+                        |row| row.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0.0);
+            }
+            check_caps(&caps, spent, r.epsilon)?;
+            Ok::<_, LedgerError>((
+                (),
+                vec![Event::Reserve {
+                    job_id: r.job_id.into(),
+                    scenario_id: r.scenario_id.into(),
+                    dataset_id: r.dataset_id.into(),
+                    developer_id: r.developer_id.into(),
+                    epsilon: r.epsilon,
+                    mechanism: r.mechanism.clone(),
+                    mode: r.mode.into(),
+                }],
+            ))
         })?;
-    let body = EntryBody {
-        seq: last_seq + 1,
-        prev_hash,
-        at: crate::now_rfc3339(),
-        job_id: debit.job_id.into(),
-        scenario_id: debit.scenario_id.into(),
-        dataset_id: debit.dataset_id.into(),
-        developer_id: debit.developer_id.into(),
-        epsilon: debit.epsilon,
-        mechanism: debit.mechanism.clone(),
-        mode: debit.mode.into(),
-    };
-    let hash = body_hash(&body);
-    let signature = signer.key.sign(&hash);
-    let entry = Entry {
-        hash: hex::encode(hash),
-        signature: hex::encode(signature.as_ref()),
-        body,
-    };
-    tx.execute(
-        "INSERT INTO ledger (seq, body, hash, signature, job_id, scenario_id, dataset_id, developer_id, epsilon)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            entry.body.seq as i64,
-            serde_json::to_string(&entry.body).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            entry.hash,
-            entry.signature,
-            entry.body.job_id,
-            entry.body.scenario_id,
-            entry.body.dataset_id,
-            entry.body.developer_id,
-            entry.body.epsilon,
-        ],
-    )?;
-    tx.commit()?;
-    Ok(entry)
+        entries
+            .pop()
+            .ok_or_else(|| LedgerError::Invalid("nothing appended".into()))
+    }
+
+    /// Closes a reservation.
+    pub fn commit(
+        &self,
+        reservation: &Entry,
+        released: bool,
+        note: &str,
+    ) -> Result<Entry, LedgerError> {
+        let Event::Reserve { job_id, .. } = &reservation.body.event else {
+            return Err(LedgerError::Invalid(
+                "only a reservation can be committed".into(),
+            ));
+        };
+        let ((), mut entries) = self.transact(|_| {
+            Ok::<_, LedgerError>((
+                (),
+                vec![Event::Commit {
+                    job_id: job_id.clone(),
+                    reservation: reservation.body.seq,
+                    released,
+                    note: note.into(),
+                }],
+            ))
+        })?;
+        entries
+            .pop()
+            .ok_or_else(|| LedgerError::Invalid("nothing appended".into()))
+    }
+
+    /// Closes every reservation left open (by a crash): they stay charged, marked `interrupted`.
+    /// Call at start-up, before any job runs.
+    pub fn close_interrupted(&self) -> Result<usize, LedgerError> {
+        let (n, _) = self.transact(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT r.seq, r.job_id FROM ledger r WHERE r.kind = 'reserve'
+                 AND NOT EXISTS (SELECT 1 FROM ledger c WHERE c.kind = 'commit' AND c.reservation = r.seq) ORDER BY r.seq",
+            )?;
+            let open: Vec<(i64, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let events = open
+                .iter()
+                .map(|(seq, job)| Event::Commit {
+                    job_id: job.clone(),
+                    reservation: *seq as u64,
+                    released: false,
+                    note: "interrupted: the server stopped before the release was produced; the reservation stays charged".into(),
+                })
+                .collect();
+            Ok::<_, LedgerError>((open.len(), events))
+        })?;
+        Ok(n)
+    }
+
+    /// A signed checkpoint of the tree as it is now; `record` also stores it, so that
+    /// `ledger verify --data-dir` can detect entries removed from the end later.
+    pub fn checkpoint(&self, record: bool) -> Result<Checkpoint, LedgerError> {
+        let conn = self.store.conn();
+        let tree = self.tree();
+        let size = tree.len();
+        let root = hex::encode(tree.root(size));
+        drop(tree);
+        let at = crate::now_rfc3339();
+        let signature = self.signer.sign(&checkpoint_message(size, &root, &at));
+        let cp = Checkpoint {
+            tree_size: size,
+            root,
+            at,
+            signature,
+        };
+        if record {
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints (tree_size, root, at, signature) VALUES (?1, ?2, ?3, ?4)",
+                params![cp.tree_size as i64, cp.root, cp.at, cp.signature],
+            )?;
+        }
+        Ok(cp)
+    }
+
+    /// The latest recorded checkpoint.
+    pub fn recorded_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self
+            .store
+            .conn()
+            .query_row("SELECT tree_size, root, at, signature FROM checkpoints ORDER BY tree_size DESC LIMIT 1", [], |r| {
+                Ok(Checkpoint { tree_size: r.get::<_, i64>(0)? as u64, root: r.get(1)?, at: r.get(2)?, signature: r.get(3)? })
+            })
+            .optional()?)
+    }
+
+    /// The inclusion proof of entry `seq` in the tree of `tree_size` entries.
+    pub fn inclusion_proof(&self, seq: u64, tree_size: u64) -> Result<InclusionProof, LedgerError> {
+        let tree = self.tree();
+        if seq == 0 || seq > tree_size || tree_size > tree.len() {
+            return Err(LedgerError::Invalid(format!(
+                "entry {seq} is not in a tree of {tree_size} (the ledger has {})",
+                tree.len()
+            )));
+        }
+        Ok(InclusionProof {
+            seq,
+            leaf_hash: hex::encode(tree.leaf(seq - 1)),
+            tree_size,
+            path: tree
+                .inclusion_proof(seq - 1, tree_size)
+                .iter()
+                .map(hex::encode)
+                .collect(),
+        })
+    }
+
+    /// The consistency proof between two tree sizes.
+    pub fn consistency_proof(&self, from: u64, to: u64) -> Result<ConsistencyProof, LedgerError> {
+        let tree = self.tree();
+        if from > to || to > tree.len() {
+            return Err(LedgerError::Invalid(format!(
+                "need from <= to <= {}",
+                tree.len()
+            )));
+        }
+        Ok(ConsistencyProof {
+            from_size: from,
+            to_size: to,
+            path: tree
+                .consistency_proof(from, to)
+                .iter()
+                .map(hex::encode)
+                .collect(),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.tree().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// ε charged so far at one level: `job`, `scenario` or `developer` (each on `dataset`), or
+    /// `dataset`.
+    pub fn spent(&self, level: &str, key: &str, dataset: &str) -> Result<f64, StoreError> {
+        let key = if level == "dataset" {
+            dataset.to_string()
+        } else {
+            format!("{key}\u{1f}{dataset}")
+        };
+        Ok(self
+            .store
+            .conn()
+            .query_row(
+                "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
+                params![level, key],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0.0))
+    }
+
+    /// Entries matching a filter, in order.
+    pub fn entries(&self, filter: &Filter) -> Result<Vec<Entry>, StoreError> {
+        read_entries(&self.store, filter)
+    }
+
+    /// Every entry, for export or verification.
+    pub fn all_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        read_entries(&self.store, &Filter::default())
+    }
 }
 
-/// ε spent so far under a scenario, a job or a dataset.
-pub fn spent(
-    store: &Store,
-    scenario_id: Option<&str>,
-    job_id: Option<&str>,
-    dataset_id: Option<&str>,
-) -> Result<f64, StoreError> {
-    Ok(store.conn().query_row(
-        "SELECT COALESCE(SUM(epsilon), 0) FROM ledger
-         WHERE (?1 IS NULL OR scenario_id = ?1) AND (?2 IS NULL OR job_id = ?2) AND (?3 IS NULL OR dataset_id = ?3)",
-        params![scenario_id, job_id, dataset_id],
-        |r| r.get(0),
-    )?)
+/// Which entries to list.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub kind: Option<String>,
+    pub dataset: Option<String>,
+    pub scenario: Option<String>,
+    pub developer: Option<String>,
+    pub job: Option<String>,
+    /// RFC 3339 bounds on the entry time.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Entries after this sequence number (for paging).
+    pub after: Option<u64>,
+    pub limit: Option<u32>,
 }
 
-/// Every entry in order, as stored. A row whose indexed columns disagree with its signed body
-/// is reported as corrupt rather than silently trusted.
-pub fn entries(store: &Store) -> Result<Vec<Entry>, StoreError> {
+fn read_entries(store: &Store, f: &Filter) -> Result<Vec<Entry>, StoreError> {
     let conn = store.conn();
     let mut stmt = conn.prepare(
-        "SELECT seq, body, hash, signature, job_id, scenario_id, dataset_id, developer_id, epsilon FROM ledger ORDER BY seq",
+        "SELECT seq, body, hash, signature, kind, job_id, scenario_id, dataset_id, developer_id, charged, reservation FROM ledger
+         WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR dataset_id = ?2) AND (?3 IS NULL OR scenario_id = ?3)
+           AND (?4 IS NULL OR developer_id = ?4) AND (?5 IS NULL OR job_id = ?5) AND seq > ?6
+           AND (?7 IS NULL OR json_extract(body, '$.at') >= ?7) AND (?8 IS NULL OR json_extract(body, '$.at') <= ?8)
+         ORDER BY seq LIMIT ?9",
     )?;
-    let mut rows = stmt.query([])?;
+    let limit = f.limit.map_or(i64::MAX, i64::from);
+    let mut rows = stmt.query(params![
+        f.kind,
+        f.dataset,
+        f.scenario,
+        f.developer,
+        f.job,
+        f.after.unwrap_or(0) as i64,
+        f.since,
+        f.until,
+        limit
+    ])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
         let seq: i64 = r.get(0)?;
         let text: String = r.get(1)?;
         let body: EntryBody = serde_json::from_str(&text)
             .map_err(|e| StoreError::Corrupt(format!("ledger entry {seq}: {e}")))?;
-        let indexed = (
+        // The indexed columns drive budget checks and filters: they must say what the signed body says.
+        let (job, scenario, dataset, developer, charged, reservation): (
+            Option<&String>,
+            Option<&String>,
+            Option<&String>,
+            Option<&String>,
+            f64,
+            Option<i64>,
+        ) = match &body.event {
+            Event::Grant {
+                scenario_id,
+                dataset_id,
+                developer_id,
+                ..
+            } => (
+                None,
+                Some(scenario_id),
+                Some(dataset_id),
+                Some(developer_id),
+                0.0,
+                None,
+            ),
+            Event::Reserve {
+                job_id,
+                scenario_id,
+                dataset_id,
+                developer_id,
+                epsilon,
+                ..
+            } => (
+                Some(job_id),
+                Some(scenario_id),
+                Some(dataset_id),
+                Some(developer_id),
+                *epsilon,
+                None,
+            ),
+            Event::Commit {
+                job_id,
+                reservation,
+                ..
+            } => (
+                Some(job_id),
+                None,
+                None,
+                None,
+                0.0,
+                Some(*reservation as i64),
+            ),
+        };
+        let stored = (
             r.get::<_, String>(4)?,
-            r.get::<_, String>(5)?,
-            r.get::<_, String>(6)?,
-            r.get::<_, String>(7)?,
-            r.get::<_, f64>(8)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<String>>(6)?,
+            r.get::<_, Option<String>>(7)?,
+            r.get::<_, Option<String>>(8)?,
+            r.get::<_, f64>(9)?,
+            r.get::<_, Option<i64>>(10)?,
         );
-        if seq as u64 != body.seq
-            || indexed
-                != (
-                    body.job_id.clone(),
-                    body.scenario_id.clone(),
-                    body.dataset_id.clone(),
-                    body.developer_id.clone(),
-                    body.epsilon,
-                )
-        {
+        let expected = (
+            body.event.kind().to_string(),
+            job.cloned(),
+            scenario.cloned(),
+            dataset.cloned(),
+            developer.cloned(),
+            charged,
+            reservation,
+        );
+        if seq as u64 != body.seq || stored != expected {
             return Err(StoreError::Corrupt(format!(
                 "ledger entry {seq}: its indexed columns disagree with its signed body"
             )));
@@ -281,36 +819,71 @@ pub fn entries(store: &Store) -> Result<Vec<Entry>, StoreError> {
     Ok(out)
 }
 
-/// Writes entries as JSON lines.
-pub fn export(entries: &[Entry], mut out: impl Write) -> std::io::Result<()> {
+/// Writes entries as JSON lines, then the checkpoint as a last line `{"checkpoint": …}`.
+pub fn export(
+    entries: &[Entry],
+    checkpoint: Option<&Checkpoint>,
+    mut out: impl Write,
+) -> std::io::Result<()> {
     for e in entries {
         serde_json::to_writer(&mut out, e)?;
+        out.write_all(b"\n")?;
+    }
+    if let Some(cp) = checkpoint {
+        serde_json::to_writer(&mut out, &serde_json::json!({ "checkpoint": cp }))?;
         out.write_all(b"\n")?;
     }
     out.flush()
 }
 
+/// An export read back: entries and the checkpoint that closed it, if any.
+pub struct Export {
+    pub entries: Vec<Entry>,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointLine {
+    checkpoint: Checkpoint,
+}
+
 /// Reads a JSON-lines export.
-pub fn read_export(input: impl BufRead) -> Result<Vec<Entry>, VerifyError> {
+pub fn read_export(input: impl BufRead) -> Result<Export, VerifyError> {
     let mut entries = Vec::new();
+    let mut checkpoint = None;
     for (i, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| VerifyError {
-            seq: i as u64 + 1,
-            problem: e.to_string(),
-        })?;
+        let bad = |problem: String| VerifyError {
+            seq: entries.len() as u64 + 1,
+            problem,
+        };
+        let line = line.map_err(|e| bad(e.to_string()))?;
         if line.trim().is_empty() {
             continue;
         }
-        let entry = serde_json::from_str(&line).map_err(|e| VerifyError {
-            seq: i as u64 + 1,
-            problem: format!("line {} is not a ledger entry: {e}", i + 1),
-        })?;
+        if checkpoint.is_some() {
+            return Err(bad(format!(
+                "line {} follows the closing checkpoint",
+                i + 1
+            )));
+        }
+        if line.starts_with("{\"checkpoint\"") {
+            let cp: CheckpointLine = serde_json::from_str(&line)
+                .map_err(|e| bad(format!("line {} is not a checkpoint: {e}", i + 1)))?;
+            checkpoint = Some(cp.checkpoint);
+            continue;
+        }
+        let entry: Entry = serde_json::from_str(&line)
+            .map_err(|e| bad(format!("line {} is not a ledger entry: {e}", i + 1)))?;
         entries.push(entry);
     }
-    Ok(entries)
+    Ok(Export {
+        entries,
+        checkpoint,
+    })
 }
 
-/// The first problem found, naming the entry.
+/// The first problem found, naming the entry (0: the key or the checkpoint).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("ledger entry {seq}: {problem}")]
 pub struct VerifyError {
@@ -318,30 +891,119 @@ pub struct VerifyError {
     pub problem: String,
 }
 
-/// What a successful verification establishes.
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    pub entries: u64,
-    pub head_hash: String,
-    pub total_epsilon: f64,
-    /// ε per scenario, from the verified entries.
-    pub per_scenario: std::collections::BTreeMap<String, f64>,
+/// ε charged against a cap at one level.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Level {
+    pub spent: f64,
+    pub cap: f64,
 }
 
-/// Verifies sequence numbers, the hash chain, every hash and every signature.
-pub fn verify(entries: &[Entry], public_key_hex: &str) -> Result<Summary, VerifyError> {
+/// What a successful verification establishes, with the totals an auditor files.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub entries: u64,
+    pub grants: u64,
+    pub reservations: u64,
+    pub released: u64,
+    /// Reservations closed without a release (failed queries, interrupted jobs): still charged.
+    pub closed_without_release: u64,
+    /// Reservations with no commit yet (jobs running when the export was taken, or a crash
+    /// before restart): charged.
+    pub open_reservations: u64,
+    pub total_epsilon: f64,
+    pub head_hash: String,
+    pub root: String,
+    /// The size of the signed checkpoint that was checked, if the export carried one.
+    pub checkpoint_size: Option<u64>,
+    /// ε per (scenario, dataset) against the scenario's allocation.
+    pub per_scenario: BTreeMap<String, Level>,
+    /// ε per dataset against its total.
+    pub per_dataset: BTreeMap<String, Level>,
+    /// ε per (developer, dataset) against the developer cap.
+    pub per_developer: BTreeMap<String, Level>,
+    #[serde(skip)]
+    tree: Tree,
+}
+
+/// Verifies sequence numbers, the hash chain, every hash and signature, the Merkle root against
+/// the checkpoint (if given, with its signature), that every commit closes exactly one earlier
+/// reservation, and replays every reservation against the caps of the grant before it — the
+/// same rule the server enforces. Signatures are checked on all cores.
+pub fn verify(
+    entries: &[Entry],
+    checkpoint: Option<&Checkpoint>,
+    public_key_hex: &str,
+) -> Result<Summary, VerifyError> {
     let key_bytes = hex::decode(public_key_hex.trim()).map_err(|_| VerifyError {
         seq: 0,
         problem: "the public key is not hex".into(),
     })?;
     let key = UnparsedPublicKey::new(&ED25519, key_bytes);
-    let mut prev = GENESIS.to_string();
-    let mut summary = Summary {
-        entries: 0,
-        head_hash: GENESIS.into(),
-        total_epsilon: 0.0,
-        per_scenario: Default::default(),
-    };
+
+    // Pass 1, parallel: each entry's hash and signature. Keep the first failure.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .max(1);
+    let chunk = entries.len().div_ceil(threads).max(1);
+    let first_bad_signature: Option<VerifyError> = std::thread::scope(|s| {
+        let handles: Vec<_> = entries
+            .chunks(chunk)
+            .map(|part| {
+                let key = &key;
+                s.spawn(move || {
+                    for e in part {
+                        let bad = |problem: &str| {
+                            Some(VerifyError {
+                                seq: e.body.seq,
+                                problem: problem.into(),
+                            })
+                        };
+                        let hash = entry_hash(&e.body);
+                        if hex::encode(hash) != e.hash {
+                            return bad(
+                                "its content does not match its hash (the entry was edited)",
+                            );
+                        }
+                        let Ok(sig) = hex::decode(&e.signature) else {
+                            return bad("its signature is not hex");
+                        };
+                        if key.verify(&hash, &sig).is_err() {
+                            return bad("its signature does not verify under this public key");
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().ok().flatten())
+            .min_by_key(|e| e.seq)
+    });
+
+    let mut summary = replay_checked(entries, first_bad_signature.as_ref())?;
+    if let Some(cp) = checkpoint {
+        check_checkpoint(entries, cp, &key, &mut summary)?;
+    }
+    Ok(summary)
+}
+
+/// Replays entries in order — sequence, chain, Merkle tree, commits, every reservation against
+/// its grant's caps — without checking signatures: the totals an auditor reads.
+pub fn replay(entries: &[Entry]) -> Result<Summary, VerifyError> {
+    replay_checked(entries, None)
+}
+
+fn replay_checked(
+    entries: &[Entry],
+    first_bad_signature: Option<&VerifyError>,
+) -> Result<Summary, VerifyError> {
+    let mut summary = Summary::default();
+    let mut tree = Tree::default();
+    let mut prev = genesis();
+    let mut grants: HashMap<(String, String), Caps> = HashMap::new();
+    let mut totals: HashMap<(&'static str, String), f64> = HashMap::new();
+    let mut open: HashMap<u64, String> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         let expected_seq = i as u64 + 1;
         let bad = |problem: String| VerifyError {
@@ -355,137 +1017,187 @@ pub fn verify(entries: &[Entry], public_key_hex: &str) -> Result<Summary, Verify
             )));
         }
         if e.body.prev_hash != prev {
-            return Err(bad("it does not chain to the entry before it".into()));
+            return Err(bad("it does not chain to the entry before it (an entry was removed, inserted or moved)".into()));
         }
-        let hash = body_hash(&e.body);
-        if hex::encode(hash) != e.hash {
-            return Err(bad(
-                "its content does not match its hash (the entry was edited)".into(),
-            ));
+        if let Some(sig) = first_bad_signature.filter(|s| s.seq == expected_seq) {
+            return Err(sig.clone());
         }
-        let sig = hex::decode(&e.signature).map_err(|_| bad("its signature is not hex".into()))?;
-        key.verify(&hash, &sig)
-            .map_err(|_| bad("its signature does not verify under this public key".into()))?;
-        if !(e.body.epsilon.is_finite() && e.body.epsilon >= 0.0) {
-            return Err(bad("its ε is not a non-negative number".into()));
+        match &e.body.event {
+            Event::Grant {
+                scenario_id,
+                dataset_id,
+                developer_id,
+                epsilon,
+                per_job_epsilon,
+                dataset_total,
+                developer_epsilon,
+            } => {
+                summary.grants += 1;
+                let caps = Caps {
+                    scenario: *epsilon,
+                    per_job: *per_job_epsilon,
+                    dataset_total: *dataset_total,
+                    developer: *developer_epsilon,
+                };
+                grants.insert((scenario_id.clone(), dataset_id.clone()), caps);
+                summary
+                    .per_scenario
+                    .entry(format!("{scenario_id}/{dataset_id}"))
+                    .or_default()
+                    .cap = *epsilon;
+                summary
+                    .per_dataset
+                    .entry(dataset_id.clone())
+                    .or_default()
+                    .cap = *dataset_total;
+                summary
+                    .per_developer
+                    .entry(format!("{developer_id}/{dataset_id}"))
+                    .or_default()
+                    .cap = *developer_epsilon;
+            }
+            Event::Reserve {
+                job_id,
+                scenario_id,
+                dataset_id,
+                developer_id,
+                epsilon,
+                ..
+            } => {
+                summary.reservations += 1;
+                let caps = grants
+                    .get(&(scenario_id.clone(), dataset_id.clone()))
+                    .ok_or_else(|| bad(format!("it debits scenario {scenario_id} on {dataset_id}, which no earlier grant allows")))?;
+                let keys = total_keys(job_id, scenario_id, developer_id, dataset_id);
+                let spent = keys.clone().map(|k| totals.get(&k).copied().unwrap_or(0.0));
+                check_caps(caps, spent, *epsilon)
+                    .map_err(|err| bad(format!("replaying it overspends: {err}")))?;
+                for k in keys {
+                    *totals.entry(k).or_default() += epsilon;
+                }
+                summary.total_epsilon += epsilon;
+                summary
+                    .per_scenario
+                    .entry(format!("{scenario_id}/{dataset_id}"))
+                    .or_default()
+                    .spent += epsilon;
+                summary
+                    .per_dataset
+                    .entry(dataset_id.clone())
+                    .or_default()
+                    .spent += epsilon;
+                summary
+                    .per_developer
+                    .entry(format!("{developer_id}/{dataset_id}"))
+                    .or_default()
+                    .spent += epsilon;
+                open.insert(expected_seq, job_id.clone());
+            }
+            Event::Commit {
+                job_id,
+                reservation,
+                released,
+                ..
+            } => {
+                match open.remove(reservation) {
+                    Some(job) if job == *job_id => {}
+                    Some(_) => {
+                        return Err(bad(format!(
+                            "it commits reservation {reservation} for another job"
+                        )));
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "it commits reservation {reservation}, which is not an open reservation (a commit was duplicated or invented)"
+                        )));
+                    }
+                }
+                if *released {
+                    summary.released += 1
+                } else {
+                    summary.closed_without_release += 1
+                }
+            }
         }
-        summary.entries += 1;
-        summary.total_epsilon += e.body.epsilon;
-        *summary
-            .per_scenario
-            .entry(e.body.scenario_id.clone())
-            .or_default() += e.body.epsilon;
+        let mut leaf = [0u8; 32];
+        hex::decode_to_slice(&e.hash, &mut leaf).map_err(|_| bad("its hash is not hex".into()))?;
+        tree.push(leaf);
         prev = e.hash.clone();
+        summary.entries += 1;
     }
+    summary.open_reservations = open.len() as u64;
     summary.head_hash = prev;
+    summary.root = hex::encode(tree.root(tree.len()));
+    summary.tree = tree;
     Ok(summary)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ledger_with(n: usize) -> (tempfile::TempDir, Store, Signer) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let signer = Signer::load_or_create(dir.path()).unwrap();
-        for i in 0..n {
-            let job = format!("job_{i}");
-            debit(
-                &store,
-                &signer,
-                &Debit {
-                    job_id: &job,
-                    scenario_id: "scn",
-                    dataset_id: "trips",
-                    developer_id: "dev",
-                    epsilon: 0.25,
-                    mechanism: "laplace:count".into(),
-                    mode: "query",
-                },
-                Caps {
-                    scenario: 10.0,
-                    per_job: 1.0,
-                    dataset_total: 10.0,
-                },
-            )
-            .unwrap();
+fn check_checkpoint(
+    entries: &[Entry],
+    cp: &Checkpoint,
+    key: &UnparsedPublicKey<Vec<u8>>,
+    summary: &mut Summary,
+) -> Result<(), VerifyError> {
+    let tree = &summary.tree;
+    {
+        let bad = |problem: String| VerifyError { seq: 0, problem };
+        let sig = hex::decode(&cp.signature)
+            .map_err(|_| bad("the checkpoint's signature is not hex".into()))?;
+        key.verify(&checkpoint_message(cp.tree_size, &cp.root, &cp.at), &sig)
+            .map_err(|_| bad("the checkpoint's signature does not verify".into()))?;
+        if cp.tree_size > entries.len() as u64 {
+            return Err(VerifyError {
+                seq: entries.len() as u64 + 1,
+                problem: format!(
+                    "the signed checkpoint covers {} entries but only {} are present (entries were removed from the end)",
+                    cp.tree_size,
+                    tree.len()
+                ),
+            });
         }
-        (dir, store, signer)
+        if hex::encode(tree.root(cp.tree_size)) != cp.root {
+            return Err(bad(format!(
+                "the Merkle root of the first {} entries differs from the signed checkpoint's",
+                cp.tree_size
+            )));
+        }
+        summary.checkpoint_size = Some(cp.tree_size);
     }
-
-    #[test]
-    fn an_intact_ledger_verifies_and_sums() {
-        let (_d, store, signer) = ledger_with(4);
-        let s = verify(&entries(&store).unwrap(), &signer.public_key_hex()).unwrap();
-        assert_eq!(s.entries, 4);
-        assert!((s.total_epsilon - 1.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn every_kind_of_edit_is_caught_and_named() {
-        let (_d, store, signer) = ledger_with(4);
-        let good = entries(&store).unwrap();
-        let key = signer.public_key_hex();
-
-        let mut edited = good.clone();
-        edited[2].body.epsilon = 0.0;
-        assert_eq!(verify(&edited, &key).unwrap_err().seq, 3);
-
-        let mut removed = good.clone();
-        removed.remove(1);
-        assert_eq!(verify(&removed, &key).unwrap_err().seq, 2);
-
-        let mut swapped = good.clone();
-        swapped.swap(1, 2);
-        assert_eq!(verify(&swapped, &key).unwrap_err().seq, 2);
-
-        let other = Signer::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
-        assert_eq!(verify(&good, &other.public_key_hex()).unwrap_err().seq, 1);
-    }
-
-    #[test]
-    fn a_debit_beyond_a_cap_appends_nothing() {
-        let (_d, store, signer) = ledger_with(3);
-        let err = debit(
-            &store,
-            &signer,
-            &Debit {
-                job_id: "job_big",
-                scenario_id: "scn",
-                dataset_id: "trips",
-                developer_id: "dev",
-                epsilon: 0.5,
-                mechanism: "laplace:count".into(),
-                mode: "query",
-            },
-            Caps {
-                scenario: 1.0,
-                per_job: 1.0,
-                dataset_total: 10.0,
-            },
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                LedgerError::Overspend {
-                    level: "scenario",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert_eq!(entries(&store).unwrap().len(), 3);
-    }
-
-    #[test]
-    fn the_database_columns_cannot_drift_from_the_signed_body() {
-        let (_d, store, _signer) = ledger_with(2);
-        store
-            .conn()
-            .execute("UPDATE ledger SET epsilon = 0 WHERE seq = 2", [])
-            .unwrap();
-        assert!(entries(&store).is_err());
-    }
+    Ok(())
 }
+
+/// Checks a signed checkpoint against the public key.
+pub fn verify_checkpoint(cp: &Checkpoint, public_key_hex: &str) -> bool {
+    let (Ok(key), Ok(sig)) = (
+        hex::decode(public_key_hex.trim()),
+        hex::decode(&cp.signature),
+    ) else {
+        return false;
+    };
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(&checkpoint_message(cp.tree_size, &cp.root, &cp.at), &sig)
+        .is_ok()
+}
+
+/// Checks an inclusion proof against a checkpoint's root.
+pub fn verify_inclusion(proof: &InclusionProof, root_hex: &str) -> bool {
+    let decode = |s: &str| -> Option<Hash> {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(s, &mut h).ok().map(|_| h)
+    };
+    let (Some(leaf), Some(root)) = (decode(&proof.leaf_hash), decode(root_hex)) else {
+        return false;
+    };
+    let Some(path) = proof
+        .path
+        .iter()
+        .map(|p| decode(p))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    proof.seq >= 1 && merkle::verify_inclusion(proof.seq - 1, proof.tree_size, &leaf, &path, &root)
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::{Event, Ledger, LedgerError};
 use crate::store::{Store, StoreError};
 
 /// What a developer applies for.
@@ -94,6 +95,8 @@ pub enum ScenarioError {
     OverReserved { dataset: String, left: f64 },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 impl From<rusqlite::Error> for ScenarioError {
@@ -270,6 +273,7 @@ fn reserved_in(conn: &rusqlite::Connection, dataset_id: &str) -> Result<f64, Sto
 /// dataset it names. Check and reservation happen in one write transaction.
 pub fn approve(
     store: &Store,
+    ledger: &Ledger,
     id: &str,
     operator_id: &str,
     approval: &Approval,
@@ -303,29 +307,36 @@ pub fn approve(
     .min(epsilon);
     let min_group = approval.min_group_size.unwrap_or(0).max(app.min_group_size);
 
-    let mut conn = store.conn();
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for dataset in app.columns.keys() {
-        let total: f64 = crate::catalog::policy_total_in(&tx, dataset)?;
-        let left = total - reserved_in(&tx, dataset)?;
-        if epsilon > left + 1e-12 {
-            return Err(ScenarioError::OverReserved {
-                dataset: dataset.clone(),
-                left: left.max(0.0),
+    // One transaction: the over-reservation check, the status change and the ledger grants
+    // that later debits are checked (and replayed offline) against.
+    ledger.transact(|tx| {
+        let mut grants = Vec::new();
+        for dataset in app.columns.keys() {
+            let policy = crate::catalog::policy_in(tx, dataset)?;
+            let left = policy.total_epsilon - reserved_in(tx, dataset)?;
+            if epsilon > left + 1e-12 {
+                return Err(ScenarioError::OverReserved { dataset: dataset.clone(), left: left.max(0.0) });
+            }
+            grants.push(Event::Grant {
+                scenario_id: id.to_string(),
+                dataset_id: dataset.clone(),
+                developer_id: scenario.developer_id.clone(),
+                epsilon,
+                per_job_epsilon: per_job,
+                dataset_total: policy.total_epsilon,
+                developer_epsilon: policy.developer_epsilon.unwrap_or(policy.total_epsilon),
             });
         }
-    }
-    let now = crate::now_rfc3339();
-    let changed = tx.execute(
-        "UPDATE scenarios SET status = 'approved', epsilon_cap = ?2, per_job_epsilon = ?3, min_group_size = ?4,
-         decided_by = ?5, decided_at = ?6 WHERE id = ?1 AND status = 'submitted'",
-        params![id, epsilon, per_job, min_group as i64, operator_id, now],
-    )?;
-    if changed != 1 {
-        return Err(ScenarioError::NotPending(Status::Approved));
-    }
-    tx.commit()?;
-    drop(conn);
+        let changed = tx.execute(
+            "UPDATE scenarios SET status = 'approved', epsilon_cap = ?2, per_job_epsilon = ?3, min_group_size = ?4,
+             decided_by = ?5, decided_at = ?6 WHERE id = ?1 AND status = 'submitted'",
+            params![id, epsilon, per_job, min_group as i64, operator_id, crate::now_rfc3339()],
+        )?;
+        if changed != 1 {
+            return Err(ScenarioError::NotPending(Status::Approved));
+        }
+        Ok(((), grants))
+    })?;
     Ok(get(store, id)?.ok_or(ScenarioError::NotFound)?)
 }
 

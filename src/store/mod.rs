@@ -78,14 +78,32 @@ CREATE TABLE IF NOT EXISTS ledger (
     body TEXT NOT NULL,
     hash TEXT NOT NULL,
     signature TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    scenario_id TEXT NOT NULL,
-    dataset_id TEXT NOT NULL,
-    developer_id TEXT NOT NULL,
-    epsilon REAL NOT NULL
+    kind TEXT NOT NULL,
+    job_id TEXT,
+    scenario_id TEXT,
+    dataset_id TEXT,
+    developer_id TEXT,
+    charged REAL NOT NULL,
+    reservation INTEGER
 );
-CREATE INDEX IF NOT EXISTS ledger_scenario ON ledger (scenario_id);
+CREATE INDEX IF NOT EXISTS ledger_scenario ON ledger (scenario_id, dataset_id);
 CREATE INDEX IF NOT EXISTS ledger_job ON ledger (job_id);
+CREATE INDEX IF NOT EXISTS ledger_dataset ON ledger (dataset_id);
+CREATE INDEX IF NOT EXISTS ledger_developer ON ledger (developer_id);
+CREATE UNIQUE INDEX IF NOT EXISTS ledger_commit ON ledger (reservation) WHERE kind = 'commit';
+-- Running ε per level, moved in the same transaction as each reservation (O(1) cap checks).
+CREATE TABLE IF NOT EXISTS budget_totals (
+    level TEXT NOT NULL,
+    key TEXT NOT NULL,
+    spent REAL NOT NULL,
+    PRIMARY KEY (level, key)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tree_size INTEGER PRIMARY KEY,
+    root TEXT NOT NULL,
+    at TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     at TEXT NOT NULL,

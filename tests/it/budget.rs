@@ -20,7 +20,7 @@ async fn a_job_beyond_the_scenario_budget_releases_and_debits_nothing() {
 
     let (answers, first) = s.ask(&scenario, &module, q(1.0)).await;
     assert!(answers[0]["release"].is_object(), "{answers}");
-    assert_eq!(s.ledger_len().await, 1);
+    assert_eq!(s.reservations().await, 1);
 
     let (answers, second) = s.ask(&scenario, &module, q(0.5)).await;
     assert_eq!(answers[0]["error"]["code"], "budget_exceeded", "{answers}");
@@ -32,7 +32,7 @@ async fn a_job_beyond_the_scenario_budget_releases_and_debits_nothing() {
     );
     assert_eq!(second["releases"], json!([]));
     assert_eq!(second["epsilon_spent"], 0.0);
-    assert_eq!(s.ledger_len().await, 1, "the refused job must not debit");
+    assert_eq!(s.reservations().await, 1, "the refused job must not debit");
 
     let (_, budget) = s.call(Method::GET, "/v1/budget", &s.developer, None).await;
     let spent = budget["scenarios"][0]["epsilon_spent"].as_f64().unwrap();
@@ -59,7 +59,7 @@ async fn the_per_job_cap_stops_the_query_that_would_cross_it() {
             .contains("job level")
     );
     assert_eq!(report["releases"].as_array().unwrap().len(), 1);
-    assert_eq!(s.ledger_len().await, 1);
+    assert_eq!(s.reservations().await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

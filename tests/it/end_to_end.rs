@@ -92,7 +92,38 @@ async fn a_q1_job_goes_from_upload_to_a_verified_dp_release() {
     assert_eq!(report["citations"][0]["dataset"], "trips");
     assert_eq!(report["citations"][0]["version_date"], "2026-11-01");
 
-    // The auditor's export verifies with the public key, and an edited copy does not.
+    // The report proves its debit: a signed checkpoint and inclusion proofs of the release's
+    // reserve and commit entries under it.
+    let (_, key) = s
+        .call(Method::GET, "/v1/ledger/public-key", &s.developer, None)
+        .await;
+    let key = key["public_key"].as_str().unwrap().to_string();
+    let evidence: unseen::jobs::LedgerEvidence =
+        serde_json::from_value(report["ledger"].clone()).unwrap();
+    assert!(unseen::ledger::verify_checkpoint(
+        &evidence.checkpoint,
+        &key
+    ));
+    let proofs = &evidence.releases[0];
+    assert_eq!(
+        proofs.reservation.seq,
+        release["ledger_entry"].as_u64().unwrap()
+    );
+    assert!(unseen::ledger::verify_inclusion(
+        &proofs.reservation,
+        &evidence.checkpoint.root
+    ));
+    assert!(unseen::ledger::verify_inclusion(
+        &proofs.commit,
+        &evidence.checkpoint.root
+    ));
+    assert!(!unseen::ledger::verify_inclusion(
+        &proofs.commit,
+        &"00".repeat(32)
+    ));
+
+    // The auditor's export verifies with the public key — grant, reserve, commit — and a copy
+    // with the reservation's ε edited does not.
     let export = s
         .http
         .get(format!("{}/v1/ledger/export", s.base))
@@ -103,24 +134,37 @@ async fn a_q1_job_goes_from_upload_to_a_verified_dp_release() {
         .text()
         .await
         .unwrap();
-    let (_, key) = s
-        .call(Method::GET, "/v1/ledger/public-key", &s.auditor, None)
-        .await;
-    let key = key["public_key"].as_str().unwrap();
-    let entries = unseen::ledger::read_export(export.as_bytes()).unwrap();
-    let summary = unseen::ledger::verify(&entries, key).unwrap();
-    assert_eq!(summary.entries, 1);
-    assert_eq!(release["ledger_entry"], 1);
-    let mut line: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
-    line["body"]["epsilon"] = json!(0.1);
-    let tampered = format!("{line}\n");
-    let err = unseen::ledger::verify(
-        &unseen::ledger::read_export(tampered.as_bytes()).unwrap(),
-        key,
-    )
-    .unwrap_err();
-    assert_eq!(err.seq, 1);
+    let parsed = unseen::ledger::read_export(export.as_bytes()).unwrap();
+    let summary =
+        unseen::ledger::verify(&parsed.entries, parsed.checkpoint.as_ref(), &key).unwrap();
+    assert_eq!(
+        (
+            summary.entries,
+            summary.grants,
+            summary.reservations,
+            summary.released
+        ),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(summary.checkpoint_size, Some(3));
+    let mut lines: Vec<String> = export.lines().map(String::from).collect();
+    let mut reserve: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(reserve["body"]["kind"], "reserve");
+    reserve["body"]["epsilon"] = json!(0.1);
+    lines[1] = reserve.to_string();
+    let tampered = unseen::ledger::read_export(lines.join("\n").as_bytes()).unwrap();
+    let err =
+        unseen::ledger::verify(&tampered.entries, tampered.checkpoint.as_ref(), &key).unwrap_err();
+    assert_eq!(err.seq, 2);
     assert!(err.problem.contains("edited"), "{err}");
+
+    // The auditor's totals replay the ledger against the grant.
+    let (_, totals) = s
+        .call(Method::GET, "/v1/ledger/totals", &s.auditor, None)
+        .await;
+    let key_name = format!("{scenario}/trips");
+    assert_eq!(totals["per_scenario"][&key_name]["cap"], 3.0);
+    assert!((totals["per_scenario"][&key_name]["spent"].as_f64().unwrap() - spent).abs() < 1e-12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +217,12 @@ async fn the_cli_exports_and_verifies_the_ledger_offline() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"entries\": 2"));
+    // A grant and two (reserve, commit) pairs.
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("\"entries\": 5"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
 
     // Remove the first entry: the verifier must refuse and name entry 1.
     let text = std::fs::read_to_string(&export).unwrap();

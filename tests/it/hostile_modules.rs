@@ -133,7 +133,7 @@ async fn runaway_modules_end_their_own_job_and_nothing_else() {
         assert_eq!(status, StatusCode::CONFLICT);
         assert_eq!(result["error"]["code"], "job_failed");
     }
-    assert_eq!(s.ledger_len().await, 0, "no hostile job may spend budget");
+    assert_eq!(s.reservations().await, 0, "no hostile job may spend budget");
 
     // And an honest job still runs afterwards.
     let job = s

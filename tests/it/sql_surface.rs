@@ -67,7 +67,7 @@ async fn guest_sql_outside_the_scenario_or_the_gate_is_refused() {
     assert!(!stolen.exists(), "COPY wrote a file");
     assert_eq!(report["releases"], json!([]));
     assert_eq!(
-        s.ledger_len().await,
+        s.reservations().await,
         0,
         "refused queries must spend nothing"
     );
@@ -82,7 +82,7 @@ async fn guest_sql_outside_the_scenario_or_the_gate_is_refused() {
         Some(16),
         "{answers}"
     );
-    assert_eq!(s.ledger_len().await, 1);
+    assert_eq!(s.reservations().await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,9 +212,10 @@ impl Server {
         (report["output"]["answers"].clone(), report)
     }
 
-    pub async fn ledger_len(&self) -> usize {
+    /// Reservations in the ledger: every debit, released or not.
+    pub async fn reservations(&self) -> usize {
         let (status, body) = self
-            .call(Method::GET, "/v1/ledger", &self.auditor, None)
+            .call(Method::GET, "/v1/ledger?kind=reserve", &self.auditor, None)
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["entries"].as_array().unwrap().len()
