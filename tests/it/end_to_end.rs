@@ -224,15 +224,30 @@ async fn the_cli_exports_and_verifies_the_ledger_offline() {
         String::from_utf8_lossy(&ok.stdout)
     );
 
-    // Remove the first entry: the verifier must refuse and name entry 1.
+    // Any one entry changed, removed or swapped: the verifier must refuse and name it.
     let text = std::fs::read_to_string(&export).unwrap();
-    let cut = dir.join("cut.jsonl");
-    std::fs::write(&cut, text.lines().skip(1).collect::<Vec<_>>().join("\n")).unwrap();
-    let bad = verify(&cut);
-    assert!(!bad.status.success());
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("ledger entry 1"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
+    let lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut changed = lines.clone();
+    let mut reserve: serde_json::Value = serde_json::from_str(&changed[3]).unwrap();
+    reserve["body"]["epsilon"] = json!(0.01);
+    changed[3] = reserve.to_string();
+    let mut removed = lines.clone();
+    removed.remove(0);
+    let mut swapped = lines.clone();
+    swapped.swap(1, 3);
+    for (name, copy, seq) in [
+        ("changed", changed, 4),
+        ("removed", removed, 1),
+        ("swapped", swapped, 2),
+    ] {
+        let file = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&file, copy.join("\n")).unwrap();
+        let bad = verify(&file);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success(), "{name} copy verified");
+        assert!(
+            stderr.contains(&format!("ledger entry {seq}:")),
+            "{name}: {stderr}"
+        );
+    }
 }

@@ -6,5 +6,6 @@ mod end_to_end;
 mod examples;
 mod hostile_modules;
 mod http_errors;
+mod ledger;
 mod sql_surface;
 mod support;
