@@ -11,6 +11,7 @@
 //!
 //! - [`api`] — HTTP (axum): authentication, roles, the JSON error table. Knows everything.
 //! - [`demo`] — the end-to-end walk-through behind `unseen demo`, and the synthetic trips data.
+//! - [`bench`] — `unseen bench`: the shared workloads through the gate and in plain DataFusion.
 //! - [`jobs`] — runs a job: a module in the [`sandbox`] whose queries go to the [`gate`].
 //! - [`sandbox`] — wasmtime: validates modules, runs entries under fuel and memory limits.
 //!   Knows nothing of HTTP, SQL or privacy; it calls a [`sandbox::Host`] for queries.
@@ -39,6 +40,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod demo;

@@ -51,6 +51,19 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Run shared/bench/WORKLOADS.md's questions through the gate and in plain DataFusion;
+    /// prints one JSON line per (question, mode).
+    Bench {
+        /// A Parquet file with the trips columns (e.g. from shared/bench/gen_trips.py).
+        #[arg(long)]
+        data: PathBuf,
+        /// Q1, Q3 or all.
+        #[arg(long, default_value = "all")]
+        query: String,
+        /// Runs per measurement; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Write a synthetic trips table (the columns of shared/bench/WORKLOADS.md).
     GenTrips {
         #[arg(long)]
@@ -219,6 +232,13 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ledger { command } => ledger(command),
+        Command::Bench { data, query, runs } => {
+            runtime()?.block_on(unseen::bench::run(unseen::bench::BenchOptions {
+                data,
+                query,
+                runs,
+            }))
+        }
         Command::GenTrips { rows, out, seed } => unseen::demo::trips::generate(rows, &out, seed),
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -27,6 +28,9 @@ pub struct TableSpec {
     pub table: String,
     pub path: PathBuf,
     pub columns: Vec<String>,
+    /// Read the file into memory when the session opens, so queries scan Arrow batches
+    /// instead of decoding Parquet (benchmarks use it to time queries without the load).
+    pub in_memory: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +103,25 @@ impl JobSession {
             let schema: SchemaRef = Arc::new(Schema::new(allowed));
             let config = ListingTableConfig::new(url)
                 .with_listing_options(options)
-                .with_schema(schema);
-            let table =
-                ListingTable::try_new(config).map_err(|e| EngineError::Setup(e.to_string()))?;
-            ctx.register_table(spec.table.as_str(), Arc::new(table))
+                .with_schema(schema.clone());
+            let table = Arc::new(
+                ListingTable::try_new(config).map_err(|e| EngineError::Setup(e.to_string()))?,
+            );
+            let provider: Arc<dyn datafusion::catalog::TableProvider> = if spec.in_memory {
+                let batches = ctx
+                    .read_table(table)
+                    .map_err(|e| EngineError::Setup(e.to_string()))?
+                    .collect_partitioned()
+                    .await
+                    .map_err(|e| EngineError::Setup(e.to_string()))?;
+                Arc::new(
+                    MemTable::try_new(schema, batches)
+                        .map_err(|e| EngineError::Setup(e.to_string()))?,
+                )
+            } else {
+                table
+            };
+            ctx.register_table(spec.table.as_str(), provider)
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
         }
         Ok(JobSession { ctx })

@@ -158,11 +158,13 @@ impl Gate {
     }
 
     /// Opens a job's view of the data: only the scenario's datasets, only its columns.
+    /// `in_memory` loads the tables into memory first (see [`TableSpec::in_memory`]).
     pub async fn open_job(
         &self,
         job_id: &str,
         developer_id: &str,
         scenario: &Scenario,
+        in_memory: bool,
     ) -> Result<JobGrant, GateError> {
         if scenario.status != Status::Approved {
             return Err(GateError::refused(
@@ -183,6 +185,7 @@ impl Gate {
                 table: policy.table.clone(),
                 path: policy.data_path(&self.data_dir),
                 columns: columns.clone(),
+                in_memory,
             });
             datasets.insert(policy.table.clone(), policy);
         }

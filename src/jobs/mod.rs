@@ -314,7 +314,7 @@ impl Runner {
             .map_err(|e| internal(e.to_string()))?;
         let grant = self
             .gate
-            .open_job(job_id, &developer_id, &scenario)
+            .open_job(job_id, &developer_id, &scenario, false)
             .await
             .map_err(|e| {
                 let q = e.to_query_error();

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, each test against a real server on a loopback socket with its
 //! own data directory (real SQLite file, real Parquet data, real wasm modules).
 
+mod bench;
 mod budget;
 mod end_to_end;
 mod examples;

@@ -1,0 +1,62 @@
+//! `unseen bench` prints one JSON line per (question, mode) with the agreed field names, and
+//! refuses the questions the gate cannot answer yet by name.
+
+#[test]
+fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    unseen::demo::prepare_trips(dir.path(), 20_000).unwrap();
+    let data = dir.path().join("data/trips.parquet");
+    let bin = env!("CARGO_BIN_EXE_unseen");
+    let out = std::process::Command::new(bin)
+        .args(["bench", "--query", "all", "--runs", "1", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let measured: Vec<_> = lines.iter().filter(|l| l.get("mode").is_some()).collect();
+    assert_eq!(measured.len(), 4, "Q1 and Q3, gate and plain: {lines:?}");
+    for l in &measured {
+        for field in [
+            "query",
+            "mode",
+            "rows",
+            "runs",
+            "wall_s",
+            "wall_with_load_s",
+            "rows_per_s",
+            "peak_rss_mib",
+            "groups",
+            "epsilon",
+            "mae",
+        ] {
+            assert!(l.get(field).is_some(), "{field} missing in {l}");
+        }
+        assert_eq!(l["rows"], 20_000);
+        if l["mode"] == "gate" {
+            assert!((l["epsilon"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+            assert!(
+                l["mae"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .all(|v| v.as_f64().is_some_and(f64::is_finite))
+            );
+        }
+    }
+    let q2 = std::process::Command::new(bin)
+        .args(["bench", "--query", "Q2", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!q2.status.success());
+    assert!(String::from_utf8_lossy(&q2.stderr).contains("contribution bounding"));
+}
