@@ -80,6 +80,9 @@ impl From<crate::scenario::ScenarioError> for ApiError {
             e @ E::NotPending(_) => {
                 ApiError::new(StatusCode::CONFLICT, "scenario_not_pending", e.to_string())
             }
+            e @ E::NotApproved(_) => {
+                ApiError::new(StatusCode::CONFLICT, "scenario_not_approved", e.to_string())
+            }
             e @ E::OverReserved { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "budget_over_reserved", e.to_string())
             }

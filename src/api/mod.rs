@@ -105,6 +105,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/scenarios", post(apply_scenario).get(list_scenarios))
         .route("/v1/scenarios/{id}", get(get_scenario))
         .route("/v1/scenarios/{id}/approve", post(approve_scenario))
+        .route("/v1/scenarios/{id}/reject", post(reject_scenario))
+        .route("/v1/scenarios/{id}/suspend", post(suspend_scenario))
         .route("/v1/jobs", post(submit_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/result", get(get_result))
@@ -430,6 +432,54 @@ async fn approve_scenario(
         &s,
         &caller.0,
         "scenario_approved",
+        Some(&id),
+        if result.is_ok() { "ok" } else { "refused" },
+    );
+    Ok(Json(
+        serde_json::to_value(result?).map_err(ApiError::internal)?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    reason: String,
+}
+
+async fn reject_scenario(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Operator, "reject scenarios")?;
+    let Reason { reason } = parse_json(body)?;
+    let result = crate::scenario::reject(&s.store, &id, &caller.0.id, &reason);
+    audit(
+        &s,
+        &caller.0,
+        "scenario_rejected",
+        Some(&id),
+        if result.is_ok() { "ok" } else { "refused" },
+    );
+    Ok(Json(
+        serde_json::to_value(result?).map_err(ApiError::internal)?,
+    ))
+}
+
+async fn suspend_scenario(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Operator, "suspend scenarios")?;
+    let Reason { reason } = parse_json(body)?;
+    let result = crate::scenario::suspend(&s.store, &s.ledger, &id, &caller.0.id, &reason);
+    audit(
+        &s,
+        &caller.0,
+        "scenario_suspended",
         Some(&id),
         if result.is_ok() { "ok" } else { "refused" },
     );

@@ -235,6 +235,15 @@ impl Gate {
                 ));
             }
         }
+        // A scenario suspended while the job runs answers no further query (the ledger's
+        // freezing grant enforces the same atomically; this gives the clearer refusal).
+        let current = crate::scenario::get(&self.store, &grant.scenario.id)?;
+        if current.as_ref().map(|s| s.status) != Some(Status::Approved) {
+            return Err(GateError::refused(
+                "scenario_not_approved",
+                "the scenario is no longer approved; nothing was released or spent",
+            ));
+        }
         let plan = grant.session.plan(&request.sql).await?;
         let shape = plan::analyse(&plan, grant, request)?;
         let policy = &grant.datasets[&shape.table];

@@ -665,21 +665,7 @@ impl Ledger {
     /// ε charged so far at one level: `job`, `scenario` or `developer` (each on `dataset`), or
     /// `dataset`.
     pub fn spent(&self, level: &str, key: &str, dataset: &str) -> Result<f64, StoreError> {
-        let key = if level == "dataset" {
-            dataset.to_string()
-        } else {
-            format!("{key}\u{1f}{dataset}")
-        };
-        Ok(self
-            .store
-            .conn()
-            .query_row(
-                "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
-                params![level, key],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0.0))
+        spent_in(&self.store.conn(), level, key, dataset)
     }
 
     /// Entries matching a filter, in order.
@@ -691,6 +677,28 @@ impl Ledger {
     pub fn all_entries(&self) -> Result<Vec<Entry>, StoreError> {
         read_entries(&self.store, &Filter::default())
     }
+}
+
+/// [`Ledger::spent`], read on a caller's connection or transaction.
+pub(crate) fn spent_in(
+    conn: &rusqlite::Connection,
+    level: &str,
+    key: &str,
+    dataset: &str,
+) -> Result<f64, StoreError> {
+    let key = if level == "dataset" {
+        dataset.to_string()
+    } else {
+        format!("{key}\u{1f}{dataset}")
+    };
+    Ok(conn
+        .query_row(
+            "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
+            params![level, key],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0.0))
 }
 
 /// Which entries to list.

@@ -47,6 +47,8 @@ pub enum Status {
     Submitted,
     Approved,
     Rejected,
+    /// Stopped by an operator: no job may start or reserve budget; what was spent stays spent.
+    Suspended,
 }
 
 impl Status {
@@ -55,12 +57,14 @@ impl Status {
             Status::Submitted => "submitted",
             Status::Approved => "approved",
             Status::Rejected => "rejected",
+            Status::Suspended => "suspended",
         }
     }
     fn parse(s: &str) -> Self {
         match s {
             "approved" => Status::Approved,
             "rejected" => Status::Rejected,
+            "suspended" => Status::Suspended,
             _ => Status::Submitted,
         }
     }
@@ -78,6 +82,8 @@ pub struct Scenario {
     pub min_group_size: Option<u64>,
     pub decided_by: Option<String>,
     pub decided_at: Option<String>,
+    /// Why it was rejected or suspended.
+    pub reason: Option<String>,
     pub created_at: String,
 }
 
@@ -89,6 +95,8 @@ pub enum ScenarioError {
     NotFound,
     #[error("the scenario is {0:?}, not submitted")]
     NotPending(Status),
+    #[error("the scenario is {0:?}, not approved")]
+    NotApproved(Status),
     #[error(
         "approving would reserve more than dataset {dataset}'s total budget ({left} left to reserve)"
     )]
@@ -192,11 +200,12 @@ pub fn apply(
         min_group_size: None,
         decided_by: None,
         decided_at: None,
+        reason: None,
         created_at,
     })
 }
 
-const COLUMNS: &str = "id, developer_id, status, application, epsilon_cap, per_job_epsilon, min_group_size, decided_by, decided_at, created_at";
+const COLUMNS: &str = "id, developer_id, status, application, epsilon_cap, per_job_epsilon, min_group_size, decided_by, decided_at, created_at, reason";
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
     let status: String = r.get(2)?;
@@ -220,6 +229,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
             decided_by: r.get(7)?,
             decided_at: r.get(8)?,
             created_at: r.get(9)?,
+            reason: r.get(10)?,
         },
         app_text,
     ))
@@ -263,7 +273,7 @@ pub fn reserved_for_dataset(store: &Store, dataset_id: &str) -> Result<f64, Stor
 fn reserved_in(conn: &rusqlite::Connection, dataset_id: &str) -> Result<f64, StoreError> {
     Ok(conn.query_row(
         "SELECT COALESCE(SUM(s.epsilon_cap), 0) FROM scenarios s, json_each(s.application, '$.columns') d
-         WHERE s.status = 'approved' AND d.key = ?1",
+         WHERE s.status IN ('approved', 'suspended') AND d.key = ?1",
         params![dataset_id],
         |r| r.get(0),
     )?)
@@ -335,6 +345,80 @@ pub fn approve(
         if changed != 1 {
             return Err(ScenarioError::NotPending(Status::Approved));
         }
+        Ok(((), grants))
+    })?;
+    Ok(get(store, id)?.ok_or(ScenarioError::NotFound)?)
+}
+
+fn required_reason(reason: &str) -> Result<&str, ScenarioError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 4000 {
+        return Err(ScenarioError::Invalid(
+            "a reason of 1 to 4000 characters is required".into(),
+        ));
+    }
+    Ok(reason)
+}
+
+/// Rejects a submitted scenario, with the reason the developer will read.
+pub fn reject(
+    store: &Store,
+    id: &str,
+    operator_id: &str,
+    reason: &str,
+) -> Result<Scenario, ScenarioError> {
+    let reason = required_reason(reason)?;
+    let scenario = get(store, id)?.ok_or(ScenarioError::NotFound)?;
+    let changed = store.conn().execute(
+        "UPDATE scenarios SET status = 'rejected', decided_by = ?2, decided_at = ?3, reason = ?4 WHERE id = ?1 AND status = 'submitted'",
+        params![id, operator_id, crate::now_rfc3339(), reason],
+    )?;
+    if changed != 1 {
+        return Err(ScenarioError::NotPending(scenario.status));
+    }
+    Ok(get(store, id)?.ok_or(ScenarioError::NotFound)?)
+}
+
+/// Suspends an approved scenario. In the same transaction the ledger gets a grant per dataset
+/// that freezes the allocation at what is already spent, with a per-job cap of zero, so no job
+/// — queued, or running between two queries — can reserve more, whatever it saw before.
+pub fn suspend(
+    store: &Store,
+    ledger: &Ledger,
+    id: &str,
+    operator_id: &str,
+    reason: &str,
+) -> Result<Scenario, ScenarioError> {
+    let reason = required_reason(reason)?;
+    ledger.transact(|tx| {
+        let status: Option<String> = tx
+            .query_row("SELECT status FROM scenarios WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?;
+        let status = Status::parse(&status.ok_or(ScenarioError::NotFound)?);
+        if status != Status::Approved {
+            return Err(ScenarioError::NotApproved(status));
+        }
+        let scenario_row: (String, String) =
+            tx.query_row("SELECT developer_id, application FROM scenarios WHERE id = ?1", params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let app: Application = serde_json::from_str(&scenario_row.1).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut grants = Vec::new();
+        for dataset in app.columns.keys() {
+            let policy = crate::catalog::policy_in(tx, dataset)?;
+            let spent = crate::ledger::spent_in(tx, "scenario", id, dataset)?;
+            grants.push(Event::Grant {
+                scenario_id: id.to_string(),
+                dataset_id: dataset.clone(),
+                developer_id: scenario_row.0.clone(),
+                epsilon: spent,
+                per_job_epsilon: 0.0,
+                dataset_total: policy.total_epsilon,
+                developer_epsilon: policy.developer_epsilon.unwrap_or(policy.total_epsilon),
+            });
+        }
+        tx.execute(
+            "UPDATE scenarios SET status = 'suspended', decided_by = ?2, decided_at = ?3, reason = ?4 WHERE id = ?1",
+            params![id, operator_id, crate::now_rfc3339(), reason],
+        )?;
         Ok(((), grants))
     })?;
     Ok(get(store, id)?.ok_or(ScenarioError::NotFound)?)

@@ -5,6 +5,7 @@ mod bench;
 mod budget;
 mod end_to_end;
 mod examples;
+mod governance;
 mod hostile_modules;
 mod http_errors;
 mod ledger;
