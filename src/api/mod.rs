@@ -107,7 +107,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/scenarios/{id}/approve", post(approve_scenario))
         .route("/v1/scenarios/{id}/reject", post(reject_scenario))
         .route("/v1/scenarios/{id}/suspend", post(suspend_scenario))
-        .route("/v1/jobs", post(submit_job))
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}/release", post(release_job))
+        .route("/v1/jobs/{id}/withhold", post(withhold_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/result", get(get_result))
         .route("/v1/budget", get(budget))
@@ -500,15 +502,42 @@ async fn submit_job(
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
-fn own_job(
+/// A job the caller may read: developers their own; operators any (they review reports).
+fn visible_job(
     s: &AppState,
     caller: &Caller,
     id: &str,
 ) -> Result<(crate::jobs::Job, Option<crate::jobs::Report>), ApiError> {
-    caller.require(Role::Developer, "read jobs")?;
+    match caller.0.role {
+        Role::Developer | Role::Operator => {}
+        Role::Auditor => return Err(ApiError::forbidden("read jobs")),
+    }
     crate::jobs::get(&s.store, id)?
-        .filter(|(j, _)| j.developer_id == caller.0.id)
+        .filter(|(j, _)| caller.0.role == Role::Operator || j.developer_id == caller.0.id)
         .ok_or_else(|| ApiError::not_found("job"))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    status: Option<String>,
+}
+
+/// Jobs, newest first: a developer's own, or (operators) everyone's, e.g. `?status=awaiting_review`.
+async fn list_jobs(
+    State(s): State<AppState>,
+    caller: Caller,
+    q: Result<Query<JobsQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let own = match caller.0.role {
+        Role::Developer => Some(caller.0.id.as_str()),
+        Role::Operator => None,
+        Role::Auditor => return Err(ApiError::forbidden("list jobs")),
+    };
+    let q = query(q)?;
+    Ok(Json(
+        json!({ "jobs": crate::jobs::list(&s.store, own, q.status.as_deref())? }),
+    ))
 }
 
 async fn get_job(
@@ -516,7 +545,7 @@ async fn get_job(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    let (job, _) = own_job(&s, &caller, &id)?;
+    let (job, _) = visible_job(&s, &caller, &id)?;
     Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?))
 }
 
@@ -525,10 +554,27 @@ async fn get_result(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    let (job, report) = own_job(&s, &caller, &id)?;
+    let (job, report) = visible_job(&s, &caller, &id)?;
+    let reviewer = caller.0.role == Role::Operator;
     match (job.status, report) {
         (JobStatus::Succeeded, Some(report)) => Ok(Json(
             serde_json::to_value(report).map_err(ApiError::internal)?,
+        )),
+        (JobStatus::AwaitingReview | JobStatus::Withheld, Some(report)) if reviewer => Ok(Json(
+            serde_json::to_value(report).map_err(ApiError::internal)?,
+        )),
+        (JobStatus::AwaitingReview, _) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "awaiting_review",
+            "the scenario requires an operator to review each report before release; poll GET /v1/jobs/{id}",
+        )),
+        (JobStatus::Withheld, _) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "withheld",
+            format!(
+                "an operator withheld this report: {}",
+                job.error.map(|e| e.message).unwrap_or_default()
+            ),
         )),
         (JobStatus::Failed, _) => {
             let e = job.error.unwrap_or(crate::jobs::JobError {
@@ -547,6 +593,54 @@ async fn get_result(
             "the job has not finished; poll GET /v1/jobs/{id}",
         )),
     }
+}
+
+async fn release_job(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Operator, "release reports")?;
+    visible_job(&s, &caller, &id)?;
+    if !crate::jobs::decide_review(&s.store, &id, true, None)? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_awaiting_review",
+            "the job is not awaiting review",
+        ));
+    }
+    audit(&s, &caller.0, "report_released", Some(&id), "ok");
+    let (job, _) = visible_job(&s, &caller, &id)?;
+    Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?))
+}
+
+async fn withhold_job(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    caller.require(Role::Operator, "withhold reports")?;
+    let Reason { reason } = parse_json(body)?;
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 4000 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "a reason of 1 to 4000 characters is required",
+        ));
+    }
+    visible_job(&s, &caller, &id)?;
+    if !crate::jobs::decide_review(&s.store, &id, false, Some(reason))? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_awaiting_review",
+            "the job is not awaiting review",
+        ));
+    }
+    audit(&s, &caller.0, "report_withheld", Some(&id), "ok");
+    let (job, _) = visible_job(&s, &caller, &id)?;
+    Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?))
 }
 
 async fn budget(State(s): State<AppState>, caller: Caller) -> Result<Json<Json_>, ApiError> {

@@ -320,6 +320,7 @@ impl GateFixture {
             epsilon: 1e6,
             per_job_epsilon: 1e6,
             min_group_size: 0,
+            requires_review: false,
         };
         let s = crate::scenario::apply(&store, &dev.id, app)?;
         let scenario =

@@ -32,6 +32,10 @@ pub enum JobStatus {
     Running,
     Succeeded,
     Failed,
+    /// Finished; its report waits for an operator to release or withhold it.
+    AwaitingReview,
+    /// An operator withheld the report; its budget stays spent.
+    Withheld,
 }
 
 impl JobStatus {
@@ -41,6 +45,8 @@ impl JobStatus {
             JobStatus::Running => "running",
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
+            JobStatus::AwaitingReview => "awaiting_review",
+            JobStatus::Withheld => "withheld",
         }
     }
     fn parse(s: &str) -> Self {
@@ -48,6 +54,8 @@ impl JobStatus {
             "running" => JobStatus::Running,
             "succeeded" => JobStatus::Succeeded,
             "failed" => JobStatus::Failed,
+            "awaiting_review" => JobStatus::AwaitingReview,
+            "withheld" => JobStatus::Withheld,
             _ => JobStatus::Queued,
         }
     }
@@ -256,8 +264,12 @@ impl Runner {
             };
             let outcome = runner.run(&id).await;
             let (status, code, message, report) = match outcome {
-                Ok(report) => (
-                    JobStatus::Succeeded,
+                Ok((report, review)) => (
+                    if review {
+                        JobStatus::AwaitingReview
+                    } else {
+                        JobStatus::Succeeded
+                    },
                     None,
                     None,
                     serde_json::to_string(&report).ok(),
@@ -282,7 +294,8 @@ impl Runner {
         Ok(job)
     }
 
-    async fn run(&self, job_id: &str) -> Result<Report, JobError> {
+    /// Runs a job; returns its report and whether it must wait for review.
+    async fn run(&self, job_id: &str) -> Result<(Report, bool), JobError> {
         let internal = |_| JobError {
             code: "internal".into(),
             message: "the job could not be started".into(),
@@ -388,19 +401,23 @@ impl Runner {
             })
             .collect::<Result<Vec<_>, crate::ledger::LedgerError>>()
             .map_err(|e| internal(e.to_string()))?;
-        Ok(Report {
-            job_id: job_id.to_string(),
-            scenario_id,
-            output,
-            releases: released.into_iter().map(|r| r.release).collect(),
-            epsilon_spent: spent,
-            scenario_epsilon_left: left.max(0.0),
-            citations,
-            ledger: LedgerEvidence {
-                checkpoint,
-                releases: evidence,
+        let review = scenario.requires_review;
+        Ok((
+            Report {
+                job_id: job_id.to_string(),
+                scenario_id,
+                output,
+                releases: released.into_iter().map(|r| r.release).collect(),
+                epsilon_spent: spent,
+                scenario_epsilon_left: left.max(0.0),
+                citations,
+                ledger: LedgerEvidence {
+                    checkpoint,
+                    releases: evidence,
+                },
             },
-        })
+            review,
+        ))
     }
 }
 
@@ -429,6 +446,42 @@ impl Host for GateHost {
             Err(e) => Err(e.to_query_error()),
         }
     }
+}
+
+/// An operator's decision on a report awaiting review: release it, or withhold it with a
+/// reason. Returns false if the job is not awaiting review.
+pub fn decide_review(
+    store: &Store,
+    job_id: &str,
+    release: bool,
+    reason: Option<&str>,
+) -> Result<bool, StoreError> {
+    let (status, code) = if release {
+        ("succeeded", None)
+    } else {
+        ("withheld", Some("withheld"))
+    };
+    Ok(store.conn().execute(
+        "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4 WHERE id = ?1 AND status = 'awaiting_review'",
+        params![job_id, status, code, reason],
+    )? == 1)
+}
+
+/// Jobs, newest first: one developer's, or everyone's; optionally in one status.
+pub fn list(
+    store: &Store,
+    developer_id: Option<&str>,
+    status: Option<&str>,
+) -> Result<Vec<Job>, StoreError> {
+    let conn = store.conn();
+    let mut stmt = conn.prepare(
+        "SELECT id, developer_id, scenario_id, module_hash, entry, status, error_code, error_message, created_at, finished_at
+         FROM jobs WHERE (?1 IS NULL OR developer_id = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY created_at DESC, id LIMIT 1000",
+    )?;
+    let jobs = stmt
+        .query_map(params![developer_id, status], job_from_row)?
+        .collect::<Result<_, _>>()?;
+    Ok(jobs)
 }
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {

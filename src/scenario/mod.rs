@@ -27,6 +27,9 @@ pub struct Application {
     /// Never below the datasets' own minimum.
     #[serde(default)]
     pub min_group_size: u64,
+    /// Every job's report waits for an operator to release it (产品发布前审核).
+    #[serde(default)]
+    pub requires_review: bool,
 }
 
 /// Limits an operator may tighten when approving.
@@ -39,6 +42,9 @@ pub struct Approval {
     pub per_job_epsilon: Option<f64>,
     #[serde(default)]
     pub min_group_size: Option<u64>,
+    /// The operator may require review before release (but not waive one applied for).
+    #[serde(default)]
+    pub requires_review: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +90,8 @@ pub struct Scenario {
     pub decided_at: Option<String>,
     /// Why it was rejected or suspended.
     pub reason: Option<String>,
+    /// In force once approved: reports wait for an operator's release.
+    pub requires_review: bool,
     pub created_at: String,
 }
 
@@ -201,11 +209,12 @@ pub fn apply(
         decided_by: None,
         decided_at: None,
         reason: None,
+        requires_review: false,
         created_at,
     })
 }
 
-const COLUMNS: &str = "id, developer_id, status, application, epsilon_cap, per_job_epsilon, min_group_size, decided_by, decided_at, created_at, reason";
+const COLUMNS: &str = "id, developer_id, status, application, epsilon_cap, per_job_epsilon, min_group_size, decided_by, decided_at, created_at, reason, requires_review";
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
     let status: String = r.get(2)?;
@@ -222,6 +231,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
                 epsilon: 0.0,
                 per_job_epsilon: 0.0,
                 min_group_size: 0,
+                requires_review: false,
             },
             epsilon_cap: r.get(4)?,
             per_job_epsilon: r.get(5)?,
@@ -230,6 +240,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
             decided_at: r.get(8)?,
             created_at: r.get(9)?,
             reason: r.get(10)?,
+            requires_review: r.get(11)?,
         },
         app_text,
     ))
@@ -316,6 +327,12 @@ pub fn approve(
     )?
     .min(epsilon);
     let min_group = approval.min_group_size.unwrap_or(0).max(app.min_group_size);
+    if app.requires_review && approval.requires_review == Some(false) {
+        return Err(ScenarioError::Invalid(
+            "review before release was applied for and may only be tightened, not waived".into(),
+        ));
+    }
+    let requires_review = app.requires_review || approval.requires_review.unwrap_or(false);
 
     // One transaction: the over-reservation check, the status change and the ledger grants
     // that later debits are checked (and replayed offline) against.
@@ -339,8 +356,8 @@ pub fn approve(
         }
         let changed = tx.execute(
             "UPDATE scenarios SET status = 'approved', epsilon_cap = ?2, per_job_epsilon = ?3, min_group_size = ?4,
-             decided_by = ?5, decided_at = ?6 WHERE id = ?1 AND status = 'submitted'",
-            params![id, epsilon, per_job, min_group as i64, operator_id, crate::now_rfc3339()],
+             decided_by = ?5, decided_at = ?6, requires_review = ?7 WHERE id = ?1 AND status = 'submitted'",
+            params![id, epsilon, per_job, min_group as i64, operator_id, crate::now_rfc3339(), requires_review],
         )?;
         if changed != 1 {
             return Err(ScenarioError::NotPending(Status::Approved));

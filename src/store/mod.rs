@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS scenarios (
     epsilon_cap REAL,
     per_job_epsilon REAL,
     min_group_size INTEGER,
+    requires_review INTEGER NOT NULL DEFAULT 0,
     decided_by TEXT,
     decided_at TEXT,
     reason TEXT,

@@ -202,3 +202,167 @@ async fn first_spent(s: &Server, scenario: &str) -> f64 {
         .as_f64()
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_wait_for_review_and_a_withheld_report_stays_charged() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let (_, sc) = s
+        .call(Method::POST, "/v1/scenarios", &s.developer, Some(json!({"purpose": "p", "columns": {"trips": ["district"]}, "modules": [module], "epsilon": 2.0, "per_job_epsilon": 1.0})))
+        .await;
+    let id = sc["id"].as_str().unwrap().to_string();
+    // The operator adds review before release when approving.
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("/v1/scenarios/{id}/approve"),
+            &s.operator,
+            Some(json!({"requires_review": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["requires_review"], true);
+
+    let q = json!({"queries": [{"sql": "SELECT district, COUNT(*) FROM trips GROUP BY district", "epsilon": 0.5}]});
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let (_, job) = s
+            .call(
+                Method::POST,
+                "/v1/jobs",
+                &s.developer,
+                Some(json!({"scenario_id": id, "module": module, "entry": "main", "params": q})),
+            )
+            .await;
+        let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+        loop {
+            let (_, j) = s.call(Method::GET, &path, &s.developer, None).await;
+            assert_ne!(j["status"], "failed", "{j}");
+            if j["status"] == "awaiting_review" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let (status, body) = s
+            .call(Method::GET, &format!("{path}/result"), &s.developer, None)
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("awaiting_review"))
+        );
+        jobs.push(path);
+    }
+
+    // The operator finds them, reads a report, releases one and withholds the other.
+    let (_, waiting) = s
+        .call(
+            Method::GET,
+            "/v1/jobs?status=awaiting_review",
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(waiting["jobs"].as_array().unwrap().len(), 2);
+    let (status, report) = s
+        .call(
+            Method::GET,
+            &format!("{}/result", jobs[0]),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["releases"].as_array().unwrap().len(), 1);
+    let (status, _) = s
+        .call(
+            Method::POST,
+            &format!("{}/release", jobs[0]),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "developers cannot release their own reports"
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("{}/release", jobs[0]),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("succeeded"))
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("{}/release", jobs[0]),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_awaiting_review"))
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("{}/withhold", jobs[1]),
+            &s.operator,
+            Some(json!({"reason": "cells too fine for publication"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("withheld"))
+    );
+
+    let (status, released) = s
+        .call(
+            Method::GET,
+            &format!("{}/result", jobs[0]),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(released["releases"].as_array().unwrap().len(), 1);
+    let (status, body) = s
+        .call(
+            Method::GET,
+            &format!("{}/result", jobs[1]),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("withheld"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cells too fine")
+    );
+    // Both releases were charged, the withheld one included.
+    assert_eq!(s.reservations().await, 2);
+    assert!((first_spent(&s, &id).await - 1.0).abs() < 1e-9);
+    let (_, audit) = s.call(Method::GET, "/v1/audit", &s.auditor, None).await;
+    let actions: Vec<_> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        actions.contains(&"report_released".to_string())
+            && actions.contains(&"report_withheld".to_string())
+    );
+}
