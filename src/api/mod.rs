@@ -94,6 +94,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/principals", post(create_principal))
         .route("/v1/principals/{id}", delete(revoke_principal))
+        .route("/v1/principals/{id}/suspend", post(suspend_principal))
+        .route("/v1/principals/{id}/reinstate", post(reinstate_principal))
+        .route("/v1/principals/{id}/rotate", post(rotate_token))
         .route("/v1/datasets", get(list_datasets))
         .route("/v1/datasets/{id}", get(get_dataset))
         .route(
@@ -263,6 +266,54 @@ async fn revoke_principal(
     }
     audit(&s, &caller.0, "principal_revoked", Some(&id), "ok");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn suspend_principal(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator, "suspend principals")?;
+    if id == caller.0.id {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cannot_suspend_self",
+            "an operator cannot suspend themself",
+        ));
+    }
+    if !crate::principal::set_suspended(&s.store, &id, true)? {
+        return Err(ApiError::not_found("principal"));
+    }
+    audit(&s, &caller.0, "principal_suspended", Some(&id), "ok");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn reinstate_principal(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator, "reinstate principals")?;
+    if !crate::principal::set_suspended(&s.store, &id, false)? {
+        return Err(ApiError::not_found("principal"));
+    }
+    audit(&s, &caller.0, "principal_reinstated", Some(&id), "ok");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A new token for a principal (operators for anyone; everyone for themself).
+async fn rotate_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    if caller.0.role != Role::Operator && caller.0.id != id {
+        return Err(ApiError::forbidden("rotate another principal's token"));
+    }
+    let token =
+        crate::principal::rotate(&s.store, &id)?.ok_or_else(|| ApiError::not_found("principal"))?;
+    audit(&s, &caller.0, "token_rotated", Some(&id), "ok");
+    Ok(Json(json!({ "token": token.0 })))
 }
 
 async fn list_datasets(

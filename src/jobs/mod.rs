@@ -316,6 +316,16 @@ impl Runner {
                 params![job_id],
             )
             .map_err(|e| internal(e.to_string()))?;
+        // A developer revoked or suspended while the job waited in the queue: it does not run.
+        if crate::principal::get(&self.store, &developer_id)
+            .map_err(|e| internal(e.to_string()))?
+            .is_none()
+        {
+            return Err(JobError {
+                code: "principal_inactive".into(),
+                message: "the developer was revoked or suspended before the job ran".into(),
+            });
+        }
         let scenario = crate::scenario::get(&self.store, &scenario_id)
             .map_err(|e| internal(e.to_string()))?
             .ok_or_else(|| internal("scenario vanished".into()))?;
@@ -339,6 +349,8 @@ impl Runner {
         let grant = Arc::new(grant);
         let releases = Arc::new(Mutex::new(Vec::new()));
         let host = GateHost {
+            store: self.store.clone(),
+            developer_id: developer_id.clone(),
             gate: self.gate.clone(),
             grant: grant.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -423,6 +435,8 @@ impl Runner {
 
 /// Answers a module's queries with the gate, from the job's blocking thread.
 struct GateHost {
+    store: Store,
+    developer_id: String,
     gate: Gate,
     grant: Arc<JobGrant>,
     runtime: tokio::runtime::Handle,
@@ -431,6 +445,17 @@ struct GateHost {
 
 impl Host for GateHost {
     fn query(&mut self, request: QueryRequest) -> QueryResponse {
+        // Revocation and suspension take effect between two queries of a running job too.
+        if !matches!(
+            crate::principal::get(&self.store, &self.developer_id),
+            Ok(Some(_))
+        ) {
+            return Err(unseen_guest::QueryError {
+                code: "principal_inactive".into(),
+                message: "the developer was revoked or suspended; nothing was released or spent"
+                    .into(),
+            });
+        }
         match self
             .runtime
             .block_on(self.gate.release(&self.grant, &request))

@@ -167,7 +167,8 @@ pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, Sto
     let found = store
         .conn()
         .query_row(
-            "SELECT id, role, name, organisation, licence_id, created_at, revoked_at
+            // Revoked or suspended: inactive either way.
+            "SELECT id, role, name, organisation, licence_id, created_at, COALESCE(revoked_at, suspended_at)
              FROM principals WHERE token_hash = ?1",
             params![token_hash(token)],
             from_row,
@@ -180,7 +181,7 @@ pub fn get(store: &Store, id: &str) -> Result<Option<Principal>, StoreError> {
     Ok(store
         .conn()
         .query_row(
-            "SELECT id, role, name, organisation, licence_id, created_at, revoked_at
+            "SELECT id, role, name, organisation, licence_id, created_at, COALESCE(revoked_at, suspended_at)
              FROM principals WHERE id = ?1",
             params![id],
             from_row,
@@ -196,4 +197,26 @@ pub fn revoke(store: &Store, id: &str) -> Result<bool, StoreError> {
         params![id, crate::now_rfc3339()],
     )?;
     Ok(n == 1)
+}
+
+/// Suspends (or reinstates) a principal that is not revoked; returns false if there is none.
+/// A suspended principal is refused at once, like a revoked one, but can be reinstated.
+pub fn set_suspended(store: &Store, id: &str, suspended: bool) -> Result<bool, StoreError> {
+    let at = suspended.then(crate::now_rfc3339);
+    let n = store.conn().execute(
+        "UPDATE principals SET suspended_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, at],
+    )?;
+    Ok(n == 1)
+}
+
+/// Replaces an active principal's token; the old one stops working at once. Returns the new
+/// token (shown once), or None if there is no active principal with that id.
+pub fn rotate(store: &Store, id: &str) -> Result<Option<NewToken>, StoreError> {
+    let token = new_token();
+    let n = store.conn().execute(
+        "UPDATE principals SET token_hash = ?2 WHERE id = ?1 AND revoked_at IS NULL AND suspended_at IS NULL",
+        params![id, token_hash(&token)],
+    )?;
+    Ok((n == 1).then_some(NewToken(token)))
 }

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS principals (
     licence_id TEXT,
     token_hash BLOB NOT NULL UNIQUE,
     created_at TEXT NOT NULL,
-    revoked_at TEXT
+    revoked_at TEXT,
+    suspended_at TEXT
 );
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY,

@@ -366,3 +366,156 @@ async fn reports_wait_for_review_and_a_withheld_report_stays_charged() {
             && actions.contains(&"report_withheld".to_string())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_or_suspended_principals_are_refused_at_once_queued_jobs_included() {
+    let s = Server::start_with(|c| {
+        c.limits.concurrent_jobs = 1;
+        c.limits.fuel_per_job = 3_000_000_000;
+    })
+    .await;
+    let (_, created) = s
+        .call(
+            Method::POST,
+            "/v1/principals",
+            &s.operator,
+            Some(json!({"role": "developer", "name": "Dev Two", "licence_id": "LIC-2"})),
+        )
+        .await;
+    let (dev_id, dev) = (
+        created["principal"]["id"].as_str().unwrap().to_string(),
+        created["token"].as_str().unwrap().to_string(),
+    );
+
+    // Suspension and reinstatement; rotation by the principal themself.
+    let (status, _) = s
+        .call(
+            Method::POST,
+            &format!("/v1/principals/{dev_id}/suspend"),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        s.call(Method::GET, "/v1/modules", &dev, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    s.call(
+        Method::POST,
+        &format!("/v1/principals/{dev_id}/reinstate"),
+        &s.operator,
+        None,
+    )
+    .await;
+    assert_eq!(
+        s.call(Method::GET, "/v1/modules", &dev, None).await.0,
+        StatusCode::OK
+    );
+    let (status, _) = s
+        .call(
+            Method::POST,
+            &format!("/v1/principals/{dev_id}/rotate"),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "another developer cannot rotate this token"
+    );
+    let (status, rotated) = s
+        .call(
+            Method::POST,
+            &format!("/v1/principals/{dev_id}/rotate"),
+            &dev,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        s.call(Method::GET, "/v1/modules", &dev, None).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the old token is dead"
+    );
+    let dev = rotated["token"].as_str().unwrap().to_string();
+
+    // A job queued behind a spinning one does not run once its developer is revoked.
+    let upload = |wasm: Vec<u8>| {
+        let (http, base, dev) = (s.http.clone(), s.base.clone(), dev.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/v1/modules"))
+                .bearer_auth(dev)
+                .body(wasm)
+                .send()
+                .await
+                .unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let runner = upload(unseen::examples::QUERY_RUNNER.to_vec()).await;
+    let spin = upload(wat_module("", "(loop $l (br $l)) (i32.const 0)")).await;
+    let (_, sc) = s
+        .call(Method::POST, "/v1/scenarios", &dev, Some(json!({"purpose": "p", "columns": {"trips": ["district"]}, "modules": [runner, spin], "epsilon": 1.0, "per_job_epsilon": 1.0})))
+        .await;
+    let id = sc["id"].as_str().unwrap().to_string();
+    s.call(
+        Method::POST,
+        &format!("/v1/scenarios/{id}/approve"),
+        &s.operator,
+        None,
+    )
+    .await;
+    let submit = |module: &str, params: serde_json::Value| {
+        s.call(
+            Method::POST,
+            "/v1/jobs",
+            &dev,
+            Some(json!({"scenario_id": id, "module": module, "entry": "main", "params": params})),
+        )
+    };
+    let (_, spinning) = submit(&spin, json!({})).await;
+    let (_, queued) = submit(&runner, json!({"queries": [{"sql": "SELECT district, COUNT(*) FROM trips GROUP BY district", "epsilon": 0.5}]})).await;
+    let (status, _) = s
+        .call(
+            Method::DELETE,
+            &format!("/v1/principals/{dev_id}"),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        s.call(Method::GET, "/v1/modules", &dev, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    for job in [&spinning, &queued] {
+        let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+        loop {
+            let (_, j) = s.call(Method::GET, &path, &s.operator, None).await;
+            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let (_, q) = s
+        .call(
+            Method::GET,
+            &format!("/v1/jobs/{}", queued["id"].as_str().unwrap()),
+            &s.operator,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (q["status"].as_str(), q["error"]["code"].as_str()),
+        (Some("failed"), Some("principal_inactive")),
+        "{q}"
+    );
+    assert_eq!(s.reservations().await, 0);
+}
