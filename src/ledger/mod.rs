@@ -69,12 +69,70 @@ pub enum Event {
     },
 }
 
+/// The columns stored beside each entry's signed body, for cap checks and filters. Writing
+/// and reading both derive them here, so the two cannot disagree.
+#[derive(Debug, PartialEq)]
+struct Indexed<'a> {
+    kind: &'a str,
+    job: Option<&'a str>,
+    scenario: Option<&'a str>,
+    dataset: Option<&'a str>,
+    developer: Option<&'a str>,
+    /// ε this entry charges: a reservation's, else 0.
+    charged: f64,
+    reservation: Option<i64>,
+}
+
 impl Event {
-    fn kind(&self) -> &'static str {
+    fn indexed(&self) -> Indexed<'_> {
+        let none = Indexed {
+            kind: "",
+            job: None,
+            scenario: None,
+            dataset: None,
+            developer: None,
+            charged: 0.0,
+            reservation: None,
+        };
         match self {
-            Event::Grant { .. } => "grant",
-            Event::Reserve { .. } => "reserve",
-            Event::Commit { .. } => "commit",
+            Event::Grant {
+                scenario_id,
+                dataset_id,
+                developer_id,
+                ..
+            } => Indexed {
+                kind: "grant",
+                scenario: Some(scenario_id),
+                dataset: Some(dataset_id),
+                developer: Some(developer_id),
+                ..none
+            },
+            Event::Reserve {
+                job_id,
+                scenario_id,
+                dataset_id,
+                developer_id,
+                epsilon,
+                ..
+            } => Indexed {
+                kind: "reserve",
+                job: Some(job_id),
+                scenario: Some(scenario_id),
+                dataset: Some(dataset_id),
+                developer: Some(developer_id),
+                charged: *epsilon,
+                ..none
+            },
+            Event::Commit {
+                job_id,
+                reservation,
+                ..
+            } => Indexed {
+                kind: "commit",
+                job: Some(job_id),
+                reservation: Some(*reservation as i64),
+                ..none
+            },
         }
     }
 }
@@ -373,58 +431,24 @@ impl Ledger {
                 signature: self.signer.sign(&hash),
                 body,
             };
-            let (job, scenario, dataset, developer, charged, reservation) = match &entry.body.event
+            if let Event::Reserve {
+                job_id,
+                scenario_id,
+                dataset_id,
+                developer_id,
+                epsilon,
+                ..
+            } = &entry.body.event
             {
-                Event::Grant {
-                    scenario_id,
-                    dataset_id,
-                    developer_id,
-                    ..
-                } => (
-                    None,
-                    Some(scenario_id),
-                    Some(dataset_id),
-                    Some(developer_id),
-                    0.0,
-                    None,
-                ),
-                Event::Reserve {
-                    job_id,
-                    scenario_id,
-                    dataset_id,
-                    developer_id,
-                    epsilon,
-                    ..
-                } => {
-                    for (level, key) in total_keys(job_id, scenario_id, developer_id, dataset_id) {
-                        tx.execute(
-                            "INSERT INTO budget_totals (level, key, spent) VALUES (?1, ?2, ?3)
-                             ON CONFLICT (level, key) DO UPDATE SET spent = spent + excluded.spent",
-                            params![level, key, epsilon],
-                        )?;
-                    }
-                    (
-                        Some(job_id),
-                        Some(scenario_id),
-                        Some(dataset_id),
-                        Some(developer_id),
-                        *epsilon,
-                        None,
-                    )
+                for (level, key) in total_keys(job_id, scenario_id, developer_id, dataset_id) {
+                    tx.execute(
+                        "INSERT INTO budget_totals (level, key, spent) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (level, key) DO UPDATE SET spent = spent + excluded.spent",
+                        params![level, key, epsilon],
+                    )?;
                 }
-                Event::Commit {
-                    job_id,
-                    reservation,
-                    ..
-                } => (
-                    Some(job_id),
-                    None,
-                    None,
-                    None,
-                    0.0,
-                    Some(*reservation as i64),
-                ),
-            };
+            }
+            let ix = entry.body.event.indexed();
             tx.execute(
                 "INSERT INTO ledger (seq, body, hash, signature, kind, job_id, scenario_id, dataset_id, developer_id, charged, reservation)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -433,13 +457,13 @@ impl Ledger {
                     String::from_utf8(body_bytes(&entry.body)).map_err(|e| LedgerError::Invalid(e.to_string()))?,
                     entry.hash,
                     entry.signature,
-                    entry.body.event.kind(),
-                    job,
-                    scenario,
-                    dataset,
-                    developer,
-                    charged,
-                    reservation
+                    ix.kind,
+                    ix.job,
+                    ix.scenario,
+                    ix.dataset,
+                    ix.developer,
+                    ix.charged,
+                    ix.reservation
                 ],
             )?;
             prev = entry.hash.clone();
@@ -746,74 +770,18 @@ fn read_entries(store: &Store, f: &Filter) -> Result<Vec<Entry>, StoreError> {
         let body: EntryBody = serde_json::from_str(&text)
             .map_err(|e| StoreError::Corrupt(format!("ledger entry {seq}: {e}")))?;
         // The indexed columns drive budget checks and filters: they must say what the signed body says.
-        let (job, scenario, dataset, developer, charged, reservation): (
-            Option<&String>,
-            Option<&String>,
-            Option<&String>,
-            Option<&String>,
-            f64,
-            Option<i64>,
-        ) = match &body.event {
-            Event::Grant {
-                scenario_id,
-                dataset_id,
-                developer_id,
-                ..
-            } => (
-                None,
-                Some(scenario_id),
-                Some(dataset_id),
-                Some(developer_id),
-                0.0,
-                None,
-            ),
-            Event::Reserve {
-                job_id,
-                scenario_id,
-                dataset_id,
-                developer_id,
-                epsilon,
-                ..
-            } => (
-                Some(job_id),
-                Some(scenario_id),
-                Some(dataset_id),
-                Some(developer_id),
-                *epsilon,
-                None,
-            ),
-            Event::Commit {
-                job_id,
-                reservation,
-                ..
-            } => (
-                Some(job_id),
-                None,
-                None,
-                None,
-                0.0,
-                Some(*reservation as i64),
-            ),
+        let kind: String = r.get(4)?;
+        let text_cols: [Option<String>; 4] = [r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?];
+        let stored = Indexed {
+            kind: &kind,
+            job: text_cols[0].as_deref(),
+            scenario: text_cols[1].as_deref(),
+            dataset: text_cols[2].as_deref(),
+            developer: text_cols[3].as_deref(),
+            charged: r.get(9)?,
+            reservation: r.get(10)?,
         };
-        let stored = (
-            r.get::<_, String>(4)?,
-            r.get::<_, Option<String>>(5)?,
-            r.get::<_, Option<String>>(6)?,
-            r.get::<_, Option<String>>(7)?,
-            r.get::<_, Option<String>>(8)?,
-            r.get::<_, f64>(9)?,
-            r.get::<_, Option<i64>>(10)?,
-        );
-        let expected = (
-            body.event.kind().to_string(),
-            job.cloned(),
-            scenario.cloned(),
-            dataset.cloned(),
-            developer.cloned(),
-            charged,
-            reservation,
-        );
-        if seq as u64 != body.seq || stored != expected {
+        if seq as u64 != body.seq || stored != body.event.indexed() {
             return Err(StoreError::Corrupt(format!(
                 "ledger entry {seq}: its indexed columns disagree with its signed body"
             )));

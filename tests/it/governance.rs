@@ -137,13 +137,9 @@ async fn suspension_stops_queued_jobs_and_freezes_the_grant_in_the_ledger() {
 
     for job in [&spinning, &queued] {
         let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
-        let done = loop {
-            let (_, j) = s.call(Method::GET, &path, &s.developer, None).await;
-            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
-                break j;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let done = s
+            .wait_job(&path, &s.developer, &["succeeded", "failed"])
+            .await;
         assert_eq!(done["status"], "failed", "{done}");
     }
     let (_, q_job) = s
@@ -235,14 +231,10 @@ async fn reports_wait_for_review_and_a_withheld_report_stays_charged() {
             )
             .await;
         let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
-        loop {
-            let (_, j) = s.call(Method::GET, &path, &s.developer, None).await;
-            assert_ne!(j["status"], "failed", "{j}");
-            if j["status"] == "awaiting_review" {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let j = s
+            .wait_job(&path, &s.developer, &["awaiting_review", "failed"])
+            .await;
+        assert_eq!(j["status"], "awaiting_review", "{j}");
         let (status, body) = s
             .call(Method::GET, &format!("{path}/result"), &s.developer, None)
             .await;
@@ -496,13 +488,8 @@ async fn revoked_or_suspended_principals_are_refused_at_once_queued_jobs_include
     );
     for job in [&spinning, &queued] {
         let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
-        loop {
-            let (_, j) = s.call(Method::GET, &path, &s.operator, None).await;
-            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        s.wait_job(&path, &s.operator, &["succeeded", "failed"])
+            .await;
     }
     let (_, q) = s
         .call(

@@ -111,15 +111,13 @@ async fn runaway_modules_end_their_own_job_and_nothing_else() {
         // The server answers while the hostile job runs.
         assert!(s.health().await, "health check failed while {name} ran");
         let id = job["id"].as_str().unwrap();
-        let done = loop {
-            let (_, j) = s
-                .call(Method::GET, &format!("/v1/jobs/{id}"), &s.developer, None)
-                .await;
-            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
-                break j;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let done = s
+            .wait_job(
+                &format!("/v1/jobs/{id}"),
+                &s.developer,
+                &["succeeded", "failed"],
+            )
+            .await;
         assert_eq!(done["status"], "failed", "{name}: {done}");
         assert_eq!(done["error"]["code"], *code, "{name}: {done}");
         let (status, result) = s

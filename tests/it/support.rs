@@ -171,22 +171,24 @@ impl Server {
             .call(Method::POST, "/v1/jobs", &self.developer, Some(json!({"scenario_id": scenario, "module": module, "entry": entry, "params": params})))
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        let id = job["id"].as_str().unwrap().to_string();
+        let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+        self.wait_job(&path, &self.developer, &["succeeded", "failed"])
+            .await
+    }
+
+    /// Polls `GET {path}` (a job) as `token` until its status is one of `statuses`; at most a minute.
+    pub async fn wait_job(&self, path: &str, token: &str, statuses: &[&str]) -> Value {
         for _ in 0..1200 {
-            let (_, j) = self
-                .call(
-                    Method::GET,
-                    &format!("/v1/jobs/{id}"),
-                    &self.developer,
-                    None,
-                )
-                .await;
-            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
+            let (_, j) = self.call(Method::GET, path, token, None).await;
+            if j["status"]
+                .as_str()
+                .is_some_and(|st| statuses.contains(&st))
+            {
                 return j;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("job {id} did not finish within a minute");
+        panic!("{path} did not reach {statuses:?} within a minute");
     }
 
     pub async fn result(&self, job: &Value) -> Value {
