@@ -84,7 +84,12 @@ pub fn generate(n: usize, out: &Path, seed: u64) -> anyhow::Result<()> {
         Field::new("fare", DataType::Float64, false),
         Field::new("distance_km", DataType::Float64, false),
     ]));
-    let file = std::fs::File::create(out)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::File::create(out)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .build();

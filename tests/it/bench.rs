@@ -60,3 +60,42 @@ fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
     assert!(!q2.status.success());
     assert!(String::from_utf8_lossy(&q2.stderr).contains("contribution bounding"));
 }
+
+#[test]
+fn gen_trips_writes_into_a_new_directory_with_the_workload_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("new/data/trips.parquet");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
+        .args(["gen-trips", "--rows", "500", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&out).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reader.metadata().file_metadata().num_rows(), 500);
+    let names: Vec<_> = reader
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "trip_id",
+            "person_id",
+            "district",
+            "hour",
+            "cell",
+            "fare",
+            "distance_km"
+        ]
+    );
+}
