@@ -7,25 +7,25 @@ use std::time::Instant;
 
 use super::{Entry, EntryBody, Event, Ledger, Reservation, Signer, entry_hash, genesis};
 
+/// One grant with room for any benchmark.
+fn unlimited_grant() -> Event {
+    Event::Grant {
+        scenario_id: "scn".into(),
+        dataset_id: "trips".into(),
+        developer_id: "dev".into(),
+        epsilon: 1e12,
+        per_job_epsilon: 1e12,
+        dataset_total: 1e12,
+        developer_epsilon: 1e12,
+    }
+}
+
 /// Appends `debits` reservations from `clients` threads against one generous grant.
 pub fn durable_debits(clients: usize, debits: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = crate::store::Store::open(dir.path())?;
     let ledger = Arc::new(Ledger::open(store, dir.path())?);
-    ledger.transact(|_| {
-        Ok::<_, super::LedgerError>((
-            (),
-            vec![Event::Grant {
-                scenario_id: "scn".into(),
-                dataset_id: "trips".into(),
-                developer_id: "dev".into(),
-                epsilon: 1e12,
-                per_job_epsilon: 1e12,
-                dataset_total: 1e12,
-                developer_epsilon: 1e12,
-            }],
-        ))
-    })?;
+    ledger.transact(|_| Ok::<_, super::LedgerError>(((), vec![unlimited_grant()])))?;
     let clients = clients.max(1);
     let per_client = debits.div_ceil(clients);
     let started = Instant::now();
@@ -72,15 +72,7 @@ pub fn verify_entries(n: u64) -> anyhow::Result<()> {
     let mut prev = genesis();
     for seq in 1..=n {
         let event = if seq == 1 {
-            Event::Grant {
-                scenario_id: "scn".into(),
-                dataset_id: "trips".into(),
-                developer_id: "dev".into(),
-                epsilon: 1e12,
-                per_job_epsilon: 1e12,
-                dataset_total: 1e12,
-                developer_epsilon: 1e12,
-            }
+            unlimited_grant()
         } else if seq % 2 == 0 {
             Event::Reserve {
                 job_id: format!("job_{seq}"),

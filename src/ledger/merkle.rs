@@ -28,6 +28,12 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     finish(ctx)
 }
 
+/// A hash from its hex form, if it is exactly 32 bytes of hex.
+pub fn parse_hash(hex_text: &str) -> Option<Hash> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut h).ok().map(|_| h)
+}
+
 /// The root of the empty tree: SHA-256 of nothing.
 pub fn empty_root() -> Hash {
     finish(Context::new(&SHA256))

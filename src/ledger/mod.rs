@@ -347,8 +347,7 @@ impl Ledger {
             while let Some(r) = rows.next()? {
                 let seq: i64 = r.get(0)?;
                 let hash: String = r.get(1)?;
-                let mut h = [0u8; 32];
-                hex::decode_to_slice(&hash, &mut h).map_err(|_| {
+                let h = merkle::parse_hash(&hash).ok_or_else(|| {
                     StoreError::Corrupt(format!("ledger entry {seq}: hash is not hex"))
                 })?;
                 if seq as u64 != tree.len() + 1 {
@@ -395,10 +394,9 @@ impl Ledger {
         // Still under the connection lock: the tree grows in the same order as the table.
         let mut tree = self.tree();
         for e in &entries {
-            let mut h = [0u8; 32];
-            hex::decode_to_slice(&e.hash, &mut h)
-                .map_err(|_| LedgerError::Invalid("hash".into()))?;
-            tree.push(h);
+            tree.push(
+                merkle::parse_hash(&e.hash).ok_or_else(|| LedgerError::Invalid("hash".into()))?,
+            );
         }
         Ok((value, entries))
     }
@@ -1095,9 +1093,7 @@ fn replay_checked(
                 }
             }
         }
-        let mut leaf = [0u8; 32];
-        hex::decode_to_slice(&e.hash, &mut leaf).map_err(|_| bad("its hash is not hex".into()))?;
-        tree.push(leaf);
+        tree.push(merkle::parse_hash(&e.hash).ok_or_else(|| bad("its hash is not hex".into()))?);
         prev = e.hash.clone();
         summary.entries += 1;
     }
@@ -1157,22 +1153,39 @@ pub fn verify_checkpoint(cp: &Checkpoint, public_key_hex: &str) -> bool {
 
 /// Checks an inclusion proof against a checkpoint's root.
 pub fn verify_inclusion(proof: &InclusionProof, root_hex: &str) -> bool {
-    let decode = |s: &str| -> Option<Hash> {
-        let mut h = [0u8; 32];
-        hex::decode_to_slice(s, &mut h).ok().map(|_| h)
-    };
-    let (Some(leaf), Some(root)) = (decode(&proof.leaf_hash), decode(root_hex)) else {
-        return false;
-    };
-    let Some(path) = proof
-        .path
-        .iter()
-        .map(|p| decode(p))
-        .collect::<Option<Vec<_>>>()
-    else {
+    let (Some(leaf), Some(root), Some(path)) = (
+        merkle::parse_hash(&proof.leaf_hash),
+        merkle::parse_hash(root_hex),
+        proof
+            .path
+            .iter()
+            .map(|p| merkle::parse_hash(p))
+            .collect::<Option<Vec<_>>>(),
+    ) else {
         return false;
     };
     proof.seq >= 1 && merkle::verify_inclusion(proof.seq - 1, proof.tree_size, &leaf, &path, &root)
+}
+
+/// Checks that the tree with root `new_root_hex` extends the one with `old_root_hex` (their
+/// sizes are the proof's): what an auditor holding an old checkpoint asks of a new one.
+pub fn verify_consistency(
+    proof: &ConsistencyProof,
+    old_root_hex: &str,
+    new_root_hex: &str,
+) -> bool {
+    let (Some(old), Some(new), Some(path)) = (
+        merkle::parse_hash(old_root_hex),
+        merkle::parse_hash(new_root_hex),
+        proof
+            .path
+            .iter()
+            .map(|p| merkle::parse_hash(p))
+            .collect::<Option<Vec<_>>>(),
+    ) else {
+        return false;
+    };
+    merkle::verify_consistency(proof.from_size, proof.to_size, &old, &new, &path)
 }
 
 #[cfg(test)]
