@@ -9,7 +9,9 @@
 //!
 //! One module per box of DESIGN.md's picture; dependencies point down the list.
 //!
-//! - [`api`] — HTTP (axum): authentication, roles, the JSON error table. Knows everything.
+//! - [`api`] — HTTP (axum): the endpoint table (router, OpenAPI document and audit actions are
+//!   built from it), authentication, roles, the JSON error table. Knows everything.
+//! - [`client`] — the CLI's client for a running server (operator and auditor tasks).
 //! - [`demo`] — the end-to-end walk-through behind `unseen demo`, and the synthetic trips data.
 //! - [`bench`] — `unseen bench`: the shared workloads through the gate and in plain DataFusion.
 //! - [`jobs`] — runs a job: a module in the [`sandbox`] whose queries go to the [`gate`].
@@ -22,9 +24,10 @@
 //!   files, URLs or table functions. Returns exact aggregates only to the gate.
 //! - [`ledger`] — privacy-budget debits: atomic cap checks, SHA-256 chain, Ed25519 signatures.
 //! - [`scenario`] — applications and approvals: who may compute what, with how much ε.
-//! - [`catalog`] — datasets, their policies (bounds, public keys, budgets), seeded from `policies/`.
+//! - [`catalog`] — datasets, their policies (bounds, public keys, budgets, open attribute),
+//!   seeded from `policies/`; objections to them.
 //! - [`principal`] — developers, operators, auditors and their hashed tokens.
-//! - [`audit`] — who did what, when, with what outcome.
+//! - [`audit`] — who did what, when, with what outcome: a hash chain with signed heads.
 //! - [`store`] — the SQLite file every module above keeps its state in.
 //! - [`config`] — the server's settings and the typed [`config::Limits`].
 //!
@@ -42,6 +45,7 @@ pub mod api;
 pub mod audit;
 pub mod bench;
 pub mod catalog;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod engine;

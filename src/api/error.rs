@@ -46,11 +46,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             axum::Json(json!({ "error": { "code": self.code, "message": self.message } })),
         )
-            .into_response()
+            .into_response();
+        response
+            .extensions_mut()
+            .insert(super::ErrorCode(self.code));
+        response
     }
 }
 
@@ -92,6 +96,38 @@ impl From<crate::scenario::ScenarioError> for ApiError {
     }
 }
 
+impl From<crate::catalog::CatalogError> for ApiError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        use crate::catalog::CatalogError as E;
+        match e {
+            E::BadPolicy { problem, .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_dataset", problem)
+            }
+            E::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_dataset", m),
+            e @ E::Exists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "dataset_exists", e.to_string())
+            }
+            E::NotFound => ApiError::not_found("dataset"),
+            E::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::catalog::objection::ObjectionError> for ApiError {
+    fn from(e: crate::catalog::objection::ObjectionError) -> Self {
+        use crate::catalog::objection::ObjectionError as E;
+        match e {
+            E::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m),
+            E::UnknownDataset => ApiError::not_found("dataset"),
+            E::NotFound => ApiError::not_found("objection"),
+            e @ E::AlreadyAnswered => {
+                ApiError::new(StatusCode::CONFLICT, "already_answered", e.to_string())
+            }
+            E::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::sandbox::ModuleError> for ApiError {
     fn from(e: crate::sandbox::ModuleError) -> Self {
         let status = match e {
@@ -108,7 +144,7 @@ impl From<crate::jobs::SubmitError> for ApiError {
             crate::jobs::SubmitError::Refused { code, message } => {
                 let status = match code {
                     "scenario_not_found" | "module_not_found" => StatusCode::NOT_FOUND,
-                    "scenario_not_approved" => StatusCode::CONFLICT,
+                    "scenario_not_approved" | "scenario_not_started" => StatusCode::CONFLICT,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 };
                 ApiError::new(status, code, message)

@@ -321,6 +321,8 @@ impl GateFixture {
             per_job_epsilon: 1e6,
             min_group_size: 0,
             requires_review: false,
+            valid_from: None,
+            valid_until: None,
         };
         let s = crate::scenario::apply(&store, &dev.id, app)?;
         let scenario =

@@ -3,6 +3,8 @@
 //! group size). Policy files in `policies/` seed it at start-up; it lives in SQLite after that.
 //! Nothing here ever reads a row: only the Parquet footer's schema.
 
+pub mod objection;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::store::{Store, StoreError};
 
 /// 无条件 / 有条件 / 不予开放.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OpenAttribute {
     Unconditional,
@@ -20,7 +22,7 @@ pub enum OpenAttribute {
     Closed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ColumnType {
     Int32,
@@ -30,14 +32,16 @@ pub enum ColumnType {
 }
 
 /// A public group key value.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(untagged)]
 pub enum KeyValue {
     Int(i64),
     Text(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnPolicy {
     #[serde(rename = "type")]
@@ -51,7 +55,7 @@ pub struct ColumnPolicy {
 }
 
 /// One dataset's catalogue entry and policy, as written in a policy file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetPolicy {
     pub id: String,
@@ -86,6 +90,12 @@ pub struct DatasetPolicy {
 pub enum CatalogError {
     #[error("policy file {file}: {problem}")]
     BadPolicy { file: String, problem: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a dataset with id {0:?} is already in the catalogue")]
+    Exists(String),
+    #[error("no dataset with that id")]
+    NotFound,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -112,6 +122,16 @@ impl DatasetPolicy {
             problem,
         };
         let policy: DatasetPolicy = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        policy.check(file)
+    }
+
+    /// Checks a parsed policy; errors name the file (or `request`), the field and the problem.
+    pub fn check(self, file: &str) -> Result<Self, CatalogError> {
+        let bad = |problem: String| CatalogError::BadPolicy {
+            file: file.to_string(),
+            problem,
+        };
+        let policy = self;
         for (field, value) in [("id", &policy.id), ("table", &policy.table)] {
             if !is_identifier(value) {
                 return Err(bad(format!(
@@ -286,9 +306,133 @@ pub fn load_policies_dir(
             problem: e.to_string(),
         })?;
         let policy = DatasetPolicy::parse(&file, &text)?;
-        register(store, data_dir, &file, &policy)?;
+        match self::policy(store, &policy.id)? {
+            None => {
+                register(store, data_dir, &file, &policy)?;
+                crate::audit::append_logged(
+                    store,
+                    crate::audit::NewRecord::system("dataset_seeded", &policy.id, "ok")
+                        .with("file", file.clone()),
+                );
+            }
+            Some(stored) if stored == policy => {}
+            Some(_) => tracing::warn!(
+                "{file}: dataset {:?} is already in the catalogue with a different policy; the \
+                 catalogue keeps its entry (change it with PATCH /v1/datasets/{})",
+                policy.id,
+                policy.id
+            ),
+        }
     }
     Ok(files.len())
+}
+
+/// Registers a new dataset from the API. Its file must lie inside the data directory.
+pub fn create(store: &Store, data_dir: &Path, policy: &DatasetPolicy) -> Result<(), CatalogError> {
+    policy.clone().check("request")?;
+    check_relative("path", &policy.path)?;
+    if self::policy(store, &policy.id)?.is_some() {
+        return Err(CatalogError::Exists(policy.id.clone()));
+    }
+    // One scenario may name several datasets: their SQL table names must not collide.
+    let taken: Option<String> = store
+        .conn()
+        .query_row(
+            "SELECT id FROM datasets WHERE json_extract(policy, '$.table') = ?1",
+            params![policy.table],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(other) = taken {
+        return Err(CatalogError::Invalid(format!(
+            "field `table`: {:?} is already the table of dataset {other:?}",
+            policy.table
+        )));
+    }
+    register(store, data_dir, "request", policy)
+}
+
+/// Paths given over the API are relative and stay inside the data directory.
+fn check_relative(field: &str, path: &Path) -> Result<(), CatalogError> {
+    use std::path::Component;
+    if path.as_os_str().is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(CatalogError::Invalid(format!(
+            "field `{field}`: give a path relative to the data directory, without `..`"
+        )));
+    }
+    Ok(())
+}
+
+/// What an operator may change in a catalogue entry. The privacy-relevant policy — table,
+/// privacy unit, columns, bounds, keys, budgets — is fixed once registered: scenarios were
+/// approved against it and the ledger's grants name it. A new policy is a new dataset.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetPatch {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub source: Option<String>,
+    pub update_frequency: Option<String>,
+    pub version_date: Option<String>,
+    /// A new version of the data (relative to the data directory), checked against the schema.
+    pub path: Option<PathBuf>,
+    /// Changing it needs a `reason`.
+    pub open_attribute: Option<OpenAttribute>,
+    /// Why; required when the open attribute changes, recorded in the audit log.
+    pub reason: Option<String>,
+}
+
+/// Applies a patch; answers the entry before and after.
+pub fn update(
+    store: &Store,
+    data_dir: &Path,
+    id: &str,
+    patch: &DatasetPatch,
+) -> Result<(DatasetPolicy, DatasetPolicy), CatalogError> {
+    let before = policy(store, id)?.ok_or(CatalogError::NotFound)?;
+    let mut after = before.clone();
+    for (field, value, target) in [
+        ("title", &patch.title, &mut after.title),
+        ("description", &patch.description, &mut after.description),
+        ("source", &patch.source, &mut after.source),
+        ("version_date", &patch.version_date, &mut after.version_date),
+    ] {
+        if let Some(v) = value {
+            if v.trim().is_empty() && field != "description" || v.len() > 4000 {
+                return Err(CatalogError::Invalid(format!(
+                    "field `{field}`: 1 to 4000 characters"
+                )));
+            }
+            *target = v.clone();
+        }
+    }
+    if let Some(f) = &patch.update_frequency {
+        after.update_frequency = Some(f.clone());
+    }
+    if let Some(path) = &patch.path {
+        check_relative("path", path)?;
+        after.path = path.clone();
+    }
+    let reason = patch.reason.as_deref().map(str::trim).unwrap_or_default();
+    if let Some(attr) = patch.open_attribute {
+        if attr != before.open_attribute && (reason.is_empty() || reason.len() > 4000) {
+            return Err(CatalogError::Invalid(
+                "changing the open attribute needs a `reason` of 1 to 4000 characters".into(),
+            ));
+        }
+        after.open_attribute = attr;
+    }
+    if after == before {
+        return Ok((before, after));
+    }
+    check_against_file(&after, data_dir, "request")?;
+    let text = serde_json::to_string(&after).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.conn().execute(
+        "UPDATE datasets SET policy = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, text, crate::now_rfc3339()],
+    )?;
+    Ok((before, after))
 }
 
 /// A dataset's policy, read inside a caller's transaction.

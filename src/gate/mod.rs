@@ -8,6 +8,10 @@
 //!
 //! Privacy unit: the row. Datasets whose unit is a person column are refused until contribution
 //! bounding is built.
+//!
+//! Open attributes: `closed` datasets answer nothing; `conditional` ones answer only as above;
+//! `unconditional` (openly publishable) ones answer the same query shapes exactly, without
+//! noise or minimum group size, at ε = 0 — still recorded in the ledger as a use.
 
 mod plan;
 
@@ -26,7 +30,7 @@ use unseen_guest::contract::{
     ColumnKind, QueryError, QueryRequest, Release, ReleasedColumn, Value,
 };
 
-use crate::catalog::{DatasetPolicy, KeyValue};
+use crate::catalog::{DatasetPolicy, KeyValue, OpenAttribute};
 use crate::config::Limits;
 use crate::engine::{EngineError, JobSession, TableSpec};
 use crate::ledger::{Ledger, LedgerError, Reservation};
@@ -166,10 +170,18 @@ impl Gate {
         scenario: &Scenario,
         in_memory: bool,
     ) -> Result<JobGrant, GateError> {
-        if scenario.status != Status::Approved {
+        if scenario.status != Status::Approved || !crate::scenario::started(scenario) {
             return Err(GateError::refused(
                 "scenario_not_approved",
-                "the scenario is not approved",
+                format!(
+                    "the scenario is {}{}",
+                    scenario.status_str(),
+                    if scenario.status == Status::Approved {
+                        " but its validity window has not begun"
+                    } else {
+                        ", not approved"
+                    }
+                ),
             ));
         }
         let mut datasets = HashMap::new();
@@ -181,6 +193,9 @@ impl Gate {
                     format!("dataset {dataset_id:?} is no longer in the catalogue"),
                 )
             })?;
+            if policy.open_attribute == OpenAttribute::Closed {
+                return Err(closed(dataset_id));
+            }
             specs.push(TableSpec {
                 table: policy.table.clone(),
                 path: policy.data_path(&self.data_dir),
@@ -238,7 +253,10 @@ impl Gate {
         // A scenario suspended while the job runs answers no further query (the ledger's
         // freezing grant enforces the same atomically; this gives the clearer refusal).
         let current = crate::scenario::get(&self.store, &grant.scenario.id)?;
-        if current.as_ref().map(|s| s.status) != Some(Status::Approved) {
+        if !current
+            .as_ref()
+            .is_some_and(|s| s.status == Status::Approved && crate::scenario::started(s))
+        {
             return Err(GateError::refused(
                 "scenario_not_approved",
                 "the scenario is no longer approved; nothing was released or spent",
@@ -247,14 +265,25 @@ impl Gate {
         let plan = grant.session.plan(&request.sql).await?;
         let shape = plan::analyse(&plan, grant, request)?;
         let policy = &grant.datasets[&shape.table];
+        // The open attribute as it is now: an operator may have changed it mid-job.
+        let exact = match crate::catalog::policy(&self.store, &policy.id)?.map(|p| p.open_attribute)
+        {
+            Some(OpenAttribute::Unconditional) => true,
+            Some(OpenAttribute::Conditional) => false,
+            Some(OpenAttribute::Closed) | None => return Err(closed(&policy.id)),
+        };
 
         // Price every measurement before touching data.
         let per_measure = request.epsilon / shape.measures.len() as f64;
-        let calibrated = shape
-            .measures
-            .iter()
-            .map(|m| calibrate(m, per_measure))
-            .collect::<Result<Vec<_>, _>>()?;
+        let calibrated = if exact {
+            Vec::new()
+        } else {
+            shape
+                .measures
+                .iter()
+                .map(|m| calibrate(m, per_measure))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let epsilon: f64 = calibrated.iter().map(|c| c.epsilon).sum();
 
         let scenario = &grant.scenario;
@@ -265,7 +294,8 @@ impl Gate {
             developer_id: &grant.developer_id,
             epsilon,
             mechanism: format!(
-                "laplace:{}",
+                "{}:{}",
+                if exact { "exact" } else { "laplace" },
                 shape
                     .measures
                     .iter()
@@ -362,16 +392,26 @@ impl Gate {
         }
         drop(exact);
 
-        let noisy: Vec<Vec<i64>> = calibrated
-            .iter()
-            .zip(exact_values)
-            .map(|(c, v)| c.measurement.invoke(&v))
-            .collect::<Result<_, _>>()?;
+        // Unconditional data (no calibrations): released as computed.
+        let exact = calibrated.is_empty();
+        let noisy: Vec<Vec<i64>> = if exact {
+            exact_values
+        } else {
+            calibrated
+                .iter()
+                .zip(exact_values)
+                .map(|(c, v)| c.measurement.invoke(&v))
+                .collect::<Result<_, _>>()?
+        };
 
-        let min_group = scenario
-            .min_group_size
-            .unwrap_or(0)
-            .max(policy.min_group_size) as f64;
+        let min_group = if exact {
+            0.0
+        } else {
+            scenario
+                .min_group_size
+                .unwrap_or(0)
+                .max(policy.min_group_size) as f64
+        };
         let counts = &noisy[0]; // measure 0 is always the row count
         let mut suppressed = 0u64;
         let rows = keys
@@ -419,7 +459,9 @@ impl Gate {
                     measure,
                     kind,
                 } => {
-                    let scale = calibrated[*measure].scale / shape.measures[*measure].fixed_point();
+                    let scale = calibrated
+                        .get(*measure)
+                        .map_or(0.0, |c| c.scale / shape.measures[*measure].fixed_point());
                     ReleasedColumn {
                         name: name.clone(),
                         kind: *kind,
@@ -439,6 +481,13 @@ impl Gate {
             suppressed_groups: suppressed,
         })
     }
+}
+
+fn closed(dataset: &str) -> GateError {
+    GateError::refused(
+        "dataset_closed",
+        format!("dataset {dataset:?} is closed (不予开放); nothing was released or spent"),
+    )
 }
 
 fn key_text(k: &KeyValue) -> String {

@@ -14,7 +14,7 @@ use crate::ledger::{Checkpoint, InclusionProof, Ledger};
 use crate::sandbox::{Host, Sandbox};
 use crate::store::{Store, StoreError};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
     pub scenario_id: String,
@@ -36,6 +36,9 @@ pub enum JobStatus {
     AwaitingReview,
     /// An operator withheld the report; its budget stays spent.
     Withheld,
+    /// Its developer cancelled it: queued, it never ran; running, its module's further
+    /// queries were refused and its report discarded. Budget already spent stays spent.
+    Cancelled,
 }
 
 impl JobStatus {
@@ -47,6 +50,7 @@ impl JobStatus {
             JobStatus::Failed => "failed",
             JobStatus::AwaitingReview => "awaiting_review",
             JobStatus::Withheld => "withheld",
+            JobStatus::Cancelled => "cancelled",
         }
     }
     fn parse(s: &str) -> Self {
@@ -56,6 +60,7 @@ impl JobStatus {
             "failed" => JobStatus::Failed,
             "awaiting_review" => JobStatus::AwaitingReview,
             "withheld" => JobStatus::Withheld,
+            "cancelled" => JobStatus::Cancelled,
             _ => JobStatus::Queued,
         }
     }
@@ -198,6 +203,19 @@ impl Runner {
                 format!("the scenario is {}, not approved", scenario.status_str()),
             ));
         }
+        if !crate::scenario::started(&scenario) {
+            return Err(refused(
+                "scenario_not_started",
+                format!(
+                    "the scenario's validity window begins at {}",
+                    scenario
+                        .application
+                        .valid_from
+                        .as_deref()
+                        .unwrap_or_default()
+                ),
+            ));
+        }
         if !scenario
             .application
             .modules
@@ -258,6 +276,7 @@ impl Runner {
         )?;
         let runner = self.clone();
         let id = job.id.clone();
+        let developer_id = job.developer_id.clone();
         tokio::spawn(async move {
             let Ok(_slot) = runner.slots.clone().acquire_owned().await else {
                 return;
@@ -276,20 +295,27 @@ impl Runner {
                 ),
                 Err(e) => (JobStatus::Failed, Some(e.code), Some(e.message), None),
             };
+            // A cancelled job keeps its status; its report is discarded.
             let saved = runner.store.conn().execute(
-                "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6 WHERE id = ?1",
+                "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6
+                 WHERE id = ?1 AND status != 'cancelled'",
                 params![id, status.as_str(), code, message, report, crate::now_rfc3339()],
             );
-            if let Err(e) = saved {
-                tracing::error!(job = %id, "could not record the job's outcome: {e}");
+            let outcome = match saved {
+                Ok(1) => status.as_str(),
+                Ok(_) => "cancelled",
+                Err(e) => {
+                    tracing::error!(job = %id, "could not record the job's outcome: {e}");
+                    "unrecorded"
+                }
+            };
+            let mut record = crate::audit::NewRecord::system("job_finished", &id, outcome);
+            record.principal_id = Some(developer_id);
+            record.role = Some("developer".into());
+            if let Some(code) = code {
+                record.detail.insert("error_code".into(), code);
             }
-            let _ = crate::audit::record(
-                &runner.store,
-                None,
-                "job_finished",
-                Some(&id),
-                status.as_str(),
-            );
+            crate::audit::append_logged(&runner.store, record);
         });
         Ok(job)
     }
@@ -309,13 +335,20 @@ impl Runner {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .map_err(|e| internal(e.to_string()))?;
-        self.store
+        let started = self
+            .store
             .conn()
             .execute(
-                "UPDATE jobs SET status = 'running' WHERE id = ?1",
+                "UPDATE jobs SET status = 'running' WHERE id = ?1 AND status = 'queued'",
                 params![job_id],
             )
             .map_err(|e| internal(e.to_string()))?;
+        if started == 0 {
+            return Err(JobError {
+                code: "job_cancelled".into(),
+                message: "the job was cancelled before it ran".into(),
+            });
+        }
         // A developer revoked or suspended while the job waited in the queue: it does not run.
         if crate::principal::get(&self.store, &developer_id)
             .map_err(|e| internal(e.to_string()))?
@@ -349,6 +382,7 @@ impl Runner {
         let grant = Arc::new(grant);
         let releases = Arc::new(Mutex::new(Vec::new()));
         let host = GateHost {
+            job_id: job_id.to_string(),
             store: self.store.clone(),
             developer_id: developer_id.clone(),
             gate: self.gate.clone(),
@@ -435,6 +469,7 @@ impl Runner {
 
 /// Answers a module's queries with the gate, from the job's blocking thread.
 struct GateHost {
+    job_id: String,
     store: Store,
     developer_id: String,
     gate: Gate,
@@ -456,6 +491,12 @@ impl Host for GateHost {
                     .into(),
             });
         }
+        if cancelled(&self.store, &self.job_id) {
+            return Err(unseen_guest::QueryError {
+                code: "job_cancelled".into(),
+                message: "the job was cancelled; nothing was released or spent".into(),
+            });
+        }
         match self
             .runtime
             .block_on(self.gate.release(&self.grant, &request))
@@ -471,6 +512,26 @@ impl Host for GateHost {
             Err(e) => Err(e.to_query_error()),
         }
     }
+}
+
+fn cancelled(store: &Store, job_id: &str) -> bool {
+    store
+        .conn()
+        .query_row(
+            "SELECT status = 'cancelled' FROM jobs WHERE id = ?1",
+            params![job_id],
+            |r| r.get(0),
+        )
+        .unwrap_or(true)
+}
+
+/// Cancels a developer's queued or running job. Returns false if it had already finished.
+pub fn cancel(store: &Store, job_id: &str) -> Result<bool, StoreError> {
+    Ok(store.conn().execute(
+        "UPDATE jobs SET status = 'cancelled', error_code = 'job_cancelled', error_message = 'cancelled by the developer', finished_at = ?2
+         WHERE id = ?1 AND status IN ('queued', 'running')",
+        params![job_id, crate::now_rfc3339()],
+    )? == 1)
 }
 
 /// An operator's decision on a report awaiting review: release it, or withhold it with a

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{Store, StoreError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Developer,
@@ -46,7 +46,7 @@ pub struct Principal {
 /// A token in the clear: returned once at creation, never stored.
 pub struct NewToken(pub String);
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPrincipal {
     pub role: Role,

@@ -1,7 +1,11 @@
 //! Scenarios (应用场景): a developer's application to compute on named datasets and columns,
 //! with named modules, for a stated purpose, with a privacy budget — and the operator's
 //! decision. Approval reserves the budget from each dataset's total, atomically.
-//! (Rejection reasons, suspension, expiry and review-before-release are not built yet.)
+//!
+//! Lifecycle: `submitted` → `approved` (an operator may tighten every limit) or `rejected`
+//! (with a reason) → `suspended` (by an operator, with a reason), `expired` (its validity
+//! window ended) or `exhausted` (its budget is spent on every dataset). The last two are
+//! noticed when the scenario is next read and recorded in the audit log as the system's.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +16,7 @@ use crate::ledger::{Event, Ledger, LedgerError};
 use crate::store::{Store, StoreError};
 
 /// What a developer applies for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Application {
     pub purpose: String,
@@ -30,10 +34,16 @@ pub struct Application {
     /// Every job's report waits for an operator to release it (产品发布前审核).
     #[serde(default)]
     pub requires_review: bool,
+    /// Start of the validity window (RFC 3339); default: from approval.
+    #[serde(default)]
+    pub valid_from: Option<String>,
+    /// End of the validity window (RFC 3339); default: open-ended unless the operator sets one.
+    #[serde(default)]
+    pub valid_until: Option<String>,
 }
 
 /// Limits an operator may tighten when approving.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
     #[serde(default)]
@@ -45,6 +55,9 @@ pub struct Approval {
     /// The operator may require review before release (but not waive one applied for).
     #[serde(default)]
     pub requires_review: Option<bool>,
+    /// The operator may end the validity window earlier than applied for.
+    #[serde(default)]
+    pub valid_until: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +68,10 @@ pub enum Status {
     Rejected,
     /// Stopped by an operator: no job may start or reserve budget; what was spent stays spent.
     Suspended,
+    /// Its validity window ended.
+    Expired,
+    /// Its budget is spent on every dataset it names.
+    Exhausted,
 }
 
 impl Status {
@@ -64,6 +81,8 @@ impl Status {
             Status::Approved => "approved",
             Status::Rejected => "rejected",
             Status::Suspended => "suspended",
+            Status::Expired => "expired",
+            Status::Exhausted => "exhausted",
         }
     }
     fn parse(s: &str) -> Self {
@@ -71,6 +90,8 @@ impl Status {
             "approved" => Status::Approved,
             "rejected" => Status::Rejected,
             "suspended" => Status::Suspended,
+            "expired" => Status::Expired,
+            "exhausted" => Status::Exhausted,
             _ => Status::Submitted,
         }
     }
@@ -121,6 +142,17 @@ impl From<rusqlite::Error> for ScenarioError {
     }
 }
 
+/// Parses an RFC 3339 time (`2027-01-01T00:00:00Z`).
+pub fn timestamp(name: &str, text: &str) -> Result<time::OffsetDateTime, ScenarioError> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(
+        |_| {
+            ScenarioError::Invalid(format!(
+                "{name} must be an RFC 3339 time such as 2027-01-01T00:00:00Z, not {text:?}"
+            ))
+        },
+    )
+}
+
 fn positive(name: &str, v: f64) -> Result<(), ScenarioError> {
     if v.is_finite() && v > 0.0 {
         Ok(())
@@ -163,6 +195,23 @@ pub fn apply(
     {
         return Err(ScenarioError::Invalid(
             "`modules` must list 1 to 64 module ids (SHA-256, hex)".into(),
+        ));
+    }
+    let from = app
+        .valid_from
+        .as_deref()
+        .map(|t| timestamp("valid_from", t))
+        .transpose()?;
+    let until = app
+        .valid_until
+        .as_deref()
+        .map(|t| timestamp("valid_until", t))
+        .transpose()?;
+    if let Some(until) = until
+        && (until <= time::OffsetDateTime::now_utc() || from.is_some_and(|f| f >= until))
+    {
+        return Err(ScenarioError::Invalid(
+            "valid_until must be in the future and after valid_from".into(),
         ));
     }
     let mut min_group = app.min_group_size;
@@ -232,6 +281,8 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
                 per_job_epsilon: 0.0,
                 min_group_size: 0,
                 requires_review: false,
+                valid_from: None,
+                valid_until: None,
             },
             epsilon_cap: r.get(4)?,
             per_job_epsilon: r.get(5)?,
@@ -260,7 +311,81 @@ pub fn get(store: &Store, id: &str) -> Result<Option<Scenario>, StoreError> {
             from_row,
         )
         .optional()?;
-    row.map(finish).transpose()
+    row.map(finish)
+        .transpose()?
+        .map(|s| refresh(store, s))
+        .transpose()
+}
+
+/// Moves an approved scenario whose window has ended to `expired`, or whose budget is spent
+/// on every dataset to `exhausted`, recording the transition as the system's.
+fn refresh(store: &Store, mut s: Scenario) -> Result<Scenario, StoreError> {
+    if s.status != Status::Approved {
+        return Ok(s);
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let ended = s
+        .application
+        .valid_until
+        .as_deref()
+        .and_then(|t| timestamp("valid_until", t).ok())
+        .is_some_and(|until| until <= now);
+    let (next, reason) = if ended {
+        (
+            Status::Expired,
+            format!(
+                "the validity window ended at {}",
+                s.application.valid_until.as_deref().unwrap_or_default()
+            ),
+        )
+    } else {
+        let conn = store.conn();
+        let cap = s.epsilon_cap.unwrap_or(0.0);
+        let mut spent_everywhere = true;
+        for dataset in s.application.columns.keys() {
+            let spent = crate::ledger::spent_in(&conn, "scenario", &s.id, dataset)?;
+            spent_everywhere &= cap - spent <= 1e-9;
+        }
+        if !spent_everywhere {
+            return Ok(s);
+        }
+        (
+            Status::Exhausted,
+            format!("its budget of ε {cap} is spent on every dataset"),
+        )
+    };
+    let changed = store.conn().execute(
+        "UPDATE scenarios SET status = ?2, reason = ?3, decided_by = NULL, decided_at = ?4 WHERE id = ?1 AND status = 'approved'",
+        params![s.id, next.as_str(), reason, crate::now_rfc3339()],
+    )?;
+    if changed == 1 {
+        crate::audit::append_logged(
+            store,
+            crate::audit::NewRecord::system(
+                if next == Status::Expired {
+                    "scenario_expired"
+                } else {
+                    "scenario_exhausted"
+                },
+                &s.id,
+                "ok",
+            )
+            .with("reason", reason.clone()),
+        );
+    }
+    s.status = next;
+    s.reason = Some(reason);
+    s.decided_by = None;
+    Ok(s)
+}
+
+/// Whether an approved scenario's window has begun.
+pub fn started(s: &Scenario) -> bool {
+    s.application
+        .valid_from
+        .as_deref()
+        .and_then(|t| timestamp("valid_from", t).ok())
+        .is_none_or(|from| from <= time::OffsetDateTime::now_utc())
 }
 
 /// All scenarios, or one developer's.
@@ -273,7 +398,9 @@ pub fn list(store: &Store, developer_id: Option<&str>) -> Result<Vec<Scenario>, 
         stmt.query_map(params![developer_id], from_row)?
             .collect::<Result<_, _>>()?
     };
-    rows.into_iter().map(finish).collect()
+    rows.into_iter()
+        .map(|r| refresh(store, finish(r)?))
+        .collect()
 }
 
 /// ε reserved by approved scenarios on a dataset.
@@ -284,7 +411,7 @@ pub fn reserved_for_dataset(store: &Store, dataset_id: &str) -> Result<f64, Stor
 fn reserved_in(conn: &rusqlite::Connection, dataset_id: &str) -> Result<f64, StoreError> {
     Ok(conn.query_row(
         "SELECT COALESCE(SUM(s.epsilon_cap), 0) FROM scenarios s, json_each(s.application, '$.columns') d
-         WHERE s.status IN ('approved', 'suspended') AND d.key = ?1",
+         WHERE s.status IN ('approved', 'suspended', 'expired', 'exhausted') AND d.key = ?1",
         params![dataset_id],
         |r| r.get(0),
     )?)
@@ -333,6 +460,22 @@ pub fn approve(
         ));
     }
     let requires_review = app.requires_review || approval.requires_review.unwrap_or(false);
+    let mut app = app.clone();
+    if let Some(until) = &approval.valid_until {
+        let given = timestamp("valid_until", until)?;
+        let asked = app
+            .valid_until
+            .as_deref()
+            .map(|t| timestamp("valid_until", t))
+            .transpose()?;
+        if asked.is_some_and(|a| given > a) || given <= time::OffsetDateTime::now_utc() {
+            return Err(ScenarioError::Invalid(
+                "valid_until may only be tightened, to a time in the future".into(),
+            ));
+        }
+        app.valid_until = Some(until.clone());
+    }
+    let app_text = serde_json::to_string(&app).map_err(|e| StoreError::Corrupt(e.to_string()))?;
 
     // One transaction: the over-reservation check, the status change and the ledger grants
     // that later debits are checked (and replayed offline) against.
@@ -340,6 +483,9 @@ pub fn approve(
         let mut grants = Vec::new();
         for dataset in app.columns.keys() {
             let policy = crate::catalog::policy_in(tx, dataset)?;
+            if policy.open_attribute == crate::catalog::OpenAttribute::Closed {
+                return Err(ScenarioError::Invalid(format!("dataset {dataset:?} is closed (不予开放)")));
+            }
             let left = policy.total_epsilon - reserved_in(tx, dataset)?;
             if epsilon > left + 1e-12 {
                 return Err(ScenarioError::OverReserved { dataset: dataset.clone(), left: left.max(0.0) });
@@ -356,8 +502,8 @@ pub fn approve(
         }
         let changed = tx.execute(
             "UPDATE scenarios SET status = 'approved', epsilon_cap = ?2, per_job_epsilon = ?3, min_group_size = ?4,
-             decided_by = ?5, decided_at = ?6, requires_review = ?7 WHERE id = ?1 AND status = 'submitted'",
-            params![id, epsilon, per_job, min_group as i64, operator_id, crate::now_rfc3339(), requires_review],
+             decided_by = ?5, decided_at = ?6, requires_review = ?7, application = ?8 WHERE id = ?1 AND status = 'submitted'",
+            params![id, epsilon, per_job, min_group as i64, operator_id, crate::now_rfc3339(), requires_review, app_text],
         )?;
         if changed != 1 {
             return Err(ScenarioError::NotPending(Status::Approved));

@@ -106,13 +106,33 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     at TEXT NOT NULL,
     signature TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit (
+-- The hash-chained audit log (see src/audit). The pre-chain `audit` table of early data
+-- directories is left in place, unused.
+CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY,
     at TEXT NOT NULL,
+    request_id TEXT,
     principal_id TEXT,
+    role TEXT,
     action TEXT NOT NULL,
     target TEXT,
-    outcome TEXT NOT NULL
+    outcome TEXT NOT NULL,
+    status INTEGER,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_target ON audit_log (target);
+CREATE TABLE IF NOT EXISTS objections (
+    id TEXT PRIMARY KEY,
+    dataset_id TEXT NOT NULL,
+    developer_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    answer TEXT,
+    answered_by TEXT,
+    answered_at TEXT,
+    created_at TEXT NOT NULL
 );
 "#;
 

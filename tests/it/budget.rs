@@ -18,7 +18,7 @@ async fn a_job_beyond_the_scenario_budget_releases_and_debits_nothing() {
         .await;
     let q = |eps: f64| json!([{"sql": Q1, "epsilon": eps, "bounds": {"fare": [0, 100]}}]);
 
-    let (answers, first) = s.ask(&scenario, &module, q(1.0)).await;
+    let (answers, first) = s.ask(&scenario, &module, q(0.7)).await;
     assert!(answers[0]["release"].is_object(), "{answers}");
     assert_eq!(s.reservations().await, 1);
 
@@ -37,7 +37,39 @@ async fn a_job_beyond_the_scenario_budget_releases_and_debits_nothing() {
     let (_, budget) = s.call(Method::GET, "/v1/budget", &s.developer, None).await;
     let spent = budget["scenarios"][0]["epsilon_spent"].as_f64().unwrap();
     assert_eq!(spent, first["epsilon_spent"].as_f64().unwrap());
-    assert!(budget["scenarios"][0]["epsilon_left"].as_f64().unwrap() < 1e-9);
+    let left = budget["scenarios"][0]["epsilon_left"].as_f64().unwrap();
+    assert!((left - 0.3).abs() < 1e-6, "{left}");
+
+    // Spending the rest exhausts the scenario: it says so, and takes no more jobs.
+    let (answers, _) = s.ask(&scenario, &module, q(0.3)).await;
+    assert!(answers[0]["release"].is_object(), "{answers}");
+    let (_, sc) = s
+        .call(
+            Method::GET,
+            &format!("/v1/scenarios/{scenario}"),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(sc["status"], "exhausted", "{sc}");
+    let (status, body) = s
+        .call(Method::POST, "/v1/jobs", &s.developer, Some(json!({"scenario_id": scenario, "module": module, "entry": "main", "params": {"queries": q(0.1)}})))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("scenario_not_approved")),
+        "{body}"
+    );
+    assert_eq!(s.reservations().await, 2);
+    let (_, audit) = s
+        .call(
+            Method::GET,
+            &format!("/v1/audit?target={scenario}&action=scenario_exhausted"),
+            &s.auditor,
+            None,
+        )
+        .await;
+    assert_eq!(audit["records"].as_array().unwrap().len(), 1, "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,8 +354,8 @@ async fn reports_wait_for_review_and_a_withheld_report_stays_charged() {
         .map(|r| r["action"].as_str().unwrap().to_string())
         .collect();
     assert!(
-        actions.contains(&"report_released".to_string())
-            && actions.contains(&"report_withheld".to_string())
+        actions.contains(&"release_job".to_string())
+            && actions.contains(&"withhold_job".to_string())
     );
 }
 

@@ -250,6 +250,6 @@ async fn bad_requests_get_stable_codes_and_change_nothing() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|r| r["action"] == "principal_revoked")
+            .any(|r| r["action"] == "revoke_principal" && r["outcome"] == "ok")
     );
 }

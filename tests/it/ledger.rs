@@ -38,7 +38,11 @@ fn one_query_module(epsilon: &str) -> Vec<u8> {
 async fn thirty_two_clients_racing_one_cap_get_exactly_what_fits() {
     let s = Server::start_with(|c| c.limits.concurrent_jobs = 32).await;
     let module = s.upload_ok(&one_query_module("0.1")).await;
-    let scenario = s.approved_scenario(&module, &["district"], 1.0, 1.0).await;
+    // 1.05, not 1.0: ten debits then leave 0.05, so the scenario never becomes `exhausted`
+    // and all 32 jobs reach the ledger's check instead of being refused at submission.
+    let scenario = s
+        .approved_scenario(&module, &["district"], 1.05, 1.05)
+        .await;
     let jobs = (0..32).map(|_| s.run_job(&scenario, &module, "main", json!({})));
     let finished = join_all(jobs).await;
     let mut released = 0;
@@ -47,7 +51,7 @@ async fn thirty_two_clients_racing_one_cap_get_exactly_what_fits() {
         let report = s.result(job).await;
         released += report["releases"].as_array().unwrap().len();
     }
-    assert_eq!(released, 10, "⌊1.0 / 0.1⌋ releases fit under the cap");
+    assert_eq!(released, 10, "⌊1.05 / 0.1⌋ releases fit under the cap");
     assert_eq!(
         s.reservations().await,
         10,
@@ -60,6 +64,15 @@ async fn thirty_two_clients_racing_one_cap_get_exactly_what_fits() {
         .as_f64()
         .unwrap();
     assert!(spent <= 1.0 + 1e-9, "{spent}");
+    let (_, sc) = s
+        .call(
+            Method::GET,
+            &format!("/v1/scenarios/{scenario}"),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(sc["status"], "approved", "0.05 is left: {sc}");
     assert_eq!(
         totals["released"], 10,
         "every charged reservation was committed with its release"

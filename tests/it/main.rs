@@ -9,5 +9,7 @@ mod governance;
 mod hostile_modules;
 mod http_errors;
 mod ledger;
+mod lifecycle;
+mod roles;
 mod sql_surface;
 mod support;
