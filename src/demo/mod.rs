@@ -228,7 +228,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     step(
         6,
-        "Developer applies for a scenario; the operator approves it, reserving its budget",
+        "Developer applies for a scenario: purpose, columns, module, ε, review before release",
     );
     let scenario = client
         .call(
@@ -241,26 +241,52 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 "modules": [module_id],
                 "epsilon": 3.0,
                 "per_job_epsilon": 1.0,
-                "min_group_size": 10
+                "min_group_size": 10,
+                "requires_review": true
             })),
         )
         .await?;
     let scenario_id = scenario["id"].as_str().context("scenario id")?.to_string();
+    println!(
+        "    scenario {scenario_id}: {}, asking ε {} ({} per job)",
+        scenario["status"],
+        scenario["application"]["epsilon"],
+        scenario["application"]["per_job_epsilon"]
+    );
+
+    step(
+        7,
+        "Operator reviews the application and approves it, tightening ε and setting a validity window",
+    );
+    let pending = client.call(Method::GET, "/v1/scenarios", &op, None).await?;
+    for sc in pending["scenarios"].as_array().into_iter().flatten() {
+        if sc["status"] == "submitted" {
+            println!(
+                "    pending: {} from {} — {:?}",
+                sc["id"], sc["developer_id"], sc["application"]["purpose"]
+            );
+        }
+    }
+    let until = (time::OffsetDateTime::now_utc() + time::Duration::days(30))
+        .format(&time::format_description::well_known::Rfc3339)?;
     let approved = client
         .call(
             Method::POST,
             &format!("/v1/scenarios/{scenario_id}/approve"),
             &op,
-            Some(json!({})),
+            Some(json!({"epsilon": 2.0, "valid_until": until})),
         )
         .await?;
     println!(
-        "    scenario {scenario_id}: {}, ε cap {}, per job {}",
-        approved["status"], approved["epsilon_cap"], approved["per_job_epsilon"]
+        "    {}: ε cap {} (asked 3.0), per job {}, valid until {}; the budget is reserved from the dataset's total",
+        approved["status"],
+        approved["epsilon_cap"],
+        approved["per_job_epsilon"],
+        approved["application"]["valid_until"]
     );
 
     step(
-        7,
+        8,
         "Developer submits a job: Q1 (trips and fare sums per district, ε = 1.0) through the gate",
     );
     let submitted = std::time::Instant::now();
@@ -273,13 +299,42 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .call(Method::GET, &format!("/v1/jobs/{job_id}"), &dev_token, None)
             .await?;
         match j["status"].as_str() {
-            Some("succeeded") | Some("failed") => break j,
+            Some("succeeded") | Some("failed") | Some("awaiting_review") => break j,
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    if status["status"] != "succeeded" {
-        bail!("the job failed: {}", status["error"]);
+    if status["status"] != "awaiting_review" {
+        bail!("the job did not finish for review: {status}");
     }
+    let elapsed = submitted.elapsed();
+    println!(
+        "    job {job_id} finished in {:.0} ms from submission ({} rows scanned inside the domain); its report is held for review",
+        elapsed.as_secs_f64() * 1000.0,
+        opts.rows
+    );
+
+    step(
+        9,
+        "Operator reads the held report and releases it; the developer reads the result",
+    );
+    let held = client
+        .call(Method::GET, "/v1/jobs?status=awaiting_review", &op, None)
+        .await?;
+    println!(
+        "    {} report(s) awaiting review",
+        held["jobs"].as_array().map_or(0, Vec::len)
+    );
+    client
+        .call(Method::GET, &format!("/v1/jobs/{job_id}/result"), &op, None)
+        .await?;
+    client
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{job_id}/release"),
+            &op,
+            None,
+        )
+        .await?;
     let report = client
         .call(
             Method::GET,
@@ -288,15 +343,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             None,
         )
         .await?;
-    println!(
-        "    job {job_id} finished in {:.0} ms from submission to result ({} rows scanned inside the domain)",
-        submitted.elapsed().as_secs_f64() * 1000.0,
-        opts.rows
-    );
     print_report(&report);
 
     step(
-        8,
+        10,
         "Auditor exports the ledger and verifies it offline with the public key",
     );
     let export = client.text("/v1/ledger/export", &aud_token).await?;
@@ -319,10 +369,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         summary.reservations, summary.released, summary.total_epsilon
     );
 
+    step(
+        11,
+        "Auditor reads the audit trail and verifies its hash chain and signed head",
+    );
+    let trail = client
+        .call(Method::GET, "/v1/audit", &aud_token, None)
+        .await?;
+    for r in trail["records"].as_array().into_iter().flatten() {
+        println!(
+            "    #{:<4} {:<9} {:<20} {:<40} {}",
+            r["seq"].as_u64().unwrap_or(0),
+            r["role"].as_str().unwrap_or("system"),
+            r["action"].as_str().unwrap_or("?"),
+            r["target"].as_str().unwrap_or("-"),
+            r["outcome"].as_str().unwrap_or("?")
+        );
+    }
+    let audit_export = client.text("/v1/audit/export", &aud_token).await?;
+    let (records, head) = crate::audit::read_export(audit_export.as_bytes())?;
+    let n = crate::audit::verify(&records, head.as_ref(), key["public_key"].as_str())?;
+    println!("    {n} records verified: hash chain intact, head signed with the ledger's key");
+
     server.abort();
     if let Some(d) = &opts.data_dir {
         println!(
-            "\nState kept in {}. Try:\n    unseen serve --data-dir {0}\n    unseen ledger export --data-dir {0} --out ledger.jsonl",
+            "\nState kept in {}. Try:\n    unseen serve --data-dir {0}\n    unseen ledger export --data-dir {0} --out ledger.jsonl\n    unseen audit verify --data-dir {0}",
             d.display()
         );
     }
