@@ -67,8 +67,11 @@ pub struct DatasetPolicy {
     pub open_attribute: OpenAttribute,
     #[serde(default)]
     pub update_frequency: Option<String>,
-    /// Version or acquisition date (cited in every report).
+    /// The version of the data (cited in every report).
     pub version_date: String,
+    /// When the domain acquired this version from its source (cited in every report).
+    #[serde(default)]
+    pub acquisition_date: Option<String>,
     /// Parquet file; a relative path is taken from the data directory.
     pub path: PathBuf,
     /// The SQL table name guests use.
@@ -375,6 +378,7 @@ pub struct DatasetPatch {
     pub source: Option<String>,
     pub update_frequency: Option<String>,
     pub version_date: Option<String>,
+    pub acquisition_date: Option<String>,
     /// A new version of the data (relative to the data directory), checked against the schema.
     pub path: Option<PathBuf>,
     /// Changing it needs a `reason`.
@@ -409,6 +413,9 @@ pub fn update(
     }
     if let Some(f) = &patch.update_frequency {
         after.update_frequency = Some(f.clone());
+    }
+    if let Some(d) = &patch.acquisition_date {
+        after.acquisition_date = Some(d.clone());
     }
     if let Some(path) = &patch.path {
         check_relative("path", path)?;

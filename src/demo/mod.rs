@@ -470,8 +470,8 @@ fn print_report(report: &Value) {
     );
     for c in report["citations"].as_array().into_iter().flatten() {
         println!(
-            "    data: {} — {}, version {}",
-            c["title"], c["source"], c["version_date"]
+            "    data: {} — {}, version {}, acquired {}",
+            c["title"], c["source"], c["version_date"], c["acquisition_date"]
         );
     }
 }

@@ -92,6 +92,7 @@ pub struct Citation {
     pub title: String,
     pub source: String,
     pub version_date: String,
+    pub acquisition_date: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -427,6 +428,7 @@ impl Runner {
                 title: p.title.clone(),
                 source: p.source.clone(),
                 version_date: p.version_date.clone(),
+                acquisition_date: p.acquisition_date.clone(),
             })
             .collect();
         let checkpoint = self

@@ -91,6 +91,7 @@ async fn a_q1_job_goes_from_upload_to_a_verified_dp_release() {
     // Citations: source and version date of the data.
     assert_eq!(report["citations"][0]["dataset"], "trips");
     assert_eq!(report["citations"][0]["version_date"], "2026-11-01");
+    assert_eq!(report["citations"][0]["acquisition_date"], "2026-11-05");
 
     // The report proves its debit: a signed checkpoint and inclusion proofs of the release's
     // reserve and commit entries under it.

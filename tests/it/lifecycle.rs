@@ -743,3 +743,129 @@ async fn the_openapi_document_describes_the_bodies_the_server_takes() {
         "{names:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_and_auditor_script_their_work_with_the_cli() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let (_, sc) = s.apply(&module, "trips", json!({})).await;
+    let sc = sc["id"].as_str().unwrap().to_string();
+    let cli = |token: &str, args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("UNSEEN_SERVER", &s.base)
+            .env("UNSEEN_TOKEN", token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let json_of = |text: &str| serde_json::from_str::<Value>(text).unwrap();
+
+    let (ok, out, err) = cli(&s.operator, &["scenarios", "list"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_of(&out)["scenarios"][0]["id"], sc.as_str());
+
+    let (ok, out, err) = cli(
+        &s.operator,
+        &[
+            "scenarios",
+            "approve",
+            &sc,
+            "--epsilon",
+            "0.5",
+            "--require-review",
+        ],
+    );
+    assert!(ok, "{err}");
+    let approved = json_of(&out);
+    assert_eq!(
+        (
+            approved["status"].as_str(),
+            approved["epsilon_cap"].as_f64(),
+            approved["requires_review"].as_bool()
+        ),
+        (Some("approved"), Some(0.5), Some(true))
+    );
+    let (ok, _, err) = cli(
+        &s.operator,
+        &["scenarios", "reject", &sc, "--reason", "late"],
+    );
+    assert!(!ok);
+    assert!(err.contains("scenario_not_pending (409)"), "{err}");
+    let (ok, _, err) = cli(&"0".repeat(64), &["scenarios", "list"]);
+    assert!(!ok);
+    assert!(err.contains("unauthenticated (401)"), "{err}");
+
+    // The catalogue: a new dataset from a policy file, then an open-attribute change.
+    let file = s.dir.path().join("second.toml");
+    std::fs::write(
+        &file,
+        unseen::demo::TRIPS_POLICY
+            .replace("id = \"trips\"", "id = \"trips_b\"")
+            .replace("table = \"trips\"", "table = \"trips_b\""),
+    )
+    .unwrap();
+    let (ok, out, err) = cli(
+        &s.operator,
+        &["datasets", "register", file.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json_of(&out)["id"], "trips_b");
+    let (ok, out, err) = cli(
+        &s.operator,
+        &[
+            "datasets",
+            "set-open",
+            "trips_b",
+            "closed",
+            "--reason",
+            "withdrawn by the source",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json_of(&out)["open_attribute"], "closed");
+
+    let (ok, out, err) = cli(
+        &s.operator,
+        &[
+            "principals",
+            "add",
+            "--role",
+            "auditor",
+            "--name",
+            "Second Auditor",
+        ],
+    );
+    assert!(ok, "{err}");
+    let new_auditor = json_of(&out)["token"].as_str().unwrap().to_string();
+
+    let (ok, out, err) = cli(&new_auditor, &["audit", "list", "--target", &sc]);
+    assert!(ok, "{err}");
+    let trail: Vec<String> = json_of(&out)["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["action"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            "apply_scenario:ok",
+            "approve_scenario:ok",
+            "reject_scenario:scenario_not_pending"
+        ]
+    );
+    let (ok, out, err) = cli(&new_auditor, &["budget"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_of(&out)["scenarios"][0]["epsilon_cap"], 0.5);
+}
