@@ -26,6 +26,40 @@ impl Remote {
         })
     }
 
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Uploads a wasm module; answers the server's JSON (`id`, `entries`, `size`).
+    pub async fn upload(&self, wasm: &[u8]) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/modules", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/wasm")
+            .body(wasm.to_vec())
+            .send()
+            .await?;
+        Self::answer(resp)
+            .await
+            .map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<u8>> {
+        let status = resp.status();
+        let bytes = resp.bytes().await?.to_vec();
+        if !status.is_success() {
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            anyhow::bail!(
+                "{} ({}): {}",
+                v["error"]["code"].as_str().unwrap_or("http_error"),
+                status.as_u16(),
+                v["error"]["message"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(bytes)
+    }
+
     /// Calls an endpoint; answers the body, or fails with the server's code and message.
     pub async fn call(
         &self,
@@ -44,18 +78,7 @@ impl Remote {
             .send()
             .await
             .with_context(|| format!("{method} {}{path}", self.base))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await?.to_vec();
-        if !status.is_success() {
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            anyhow::bail!(
-                "{} ({}): {}",
-                v["error"]["code"].as_str().unwrap_or("http_error"),
-                status.as_u16(),
-                v["error"]["message"].as_str().unwrap_or("no message")
-            );
-        }
-        Ok(bytes)
+        Self::answer(resp).await
     }
 
     pub async fn json(

@@ -58,9 +58,26 @@ enum Command {
     /// Run shared/bench/WORKLOADS.md's questions through the gate and in plain DataFusion;
     /// prints one JSON line per (question, mode).
     Bench {
-        /// A Parquet file with the trips columns (e.g. from shared/bench/gen_trips.py).
+        /// A Parquet file with the trips columns (e.g. from shared/bench/gen_trips.py); with
+        /// --http, generated (--rows) if omitted.
+        #[arg(long, required_unless_present = "http")]
+        data: Option<PathBuf>,
+        /// Measure the HTTP path instead: cold start, uploads, and small jobs under load
+        /// from a server process on loopback.
         #[arg(long)]
-        data: PathBuf,
+        http: bool,
+        /// With --http and no --data: rows of synthetic trips to serve.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// With --http: jobs per client at each concurrency.
+        #[arg(long, default_value_t = 50)]
+        jobs: usize,
+        /// With --http: the client counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// With --http: new modules to upload (each compiled).
+        #[arg(long, default_value_t = 10)]
+        uploads: usize,
         /// Q1, Q3 or all.
         #[arg(long, default_value = "all")]
         query: String,
@@ -450,13 +467,30 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ledger { command } => ledger(command),
-        Command::Bench { data, query, runs } => {
-            runtime()?.block_on(unseen::bench::run(unseen::bench::BenchOptions {
+        Command::Bench {
+            data,
+            http: true,
+            rows,
+            jobs,
+            clients,
+            uploads,
+            ..
+        } => runtime()?.block_on(unseen::bench::http::run(
+            unseen::bench::http::HttpBenchOptions {
                 data,
-                query,
-                runs,
-            }))
-        }
+                rows,
+                jobs,
+                clients,
+                uploads,
+            },
+        )),
+        Command::Bench {
+            data, query, runs, ..
+        } => runtime()?.block_on(unseen::bench::run(unseen::bench::BenchOptions {
+            data: data.context("give --data FILE")?,
+            query,
+            runs,
+        })),
         Command::GenTrips { rows, out, seed } => unseen::demo::trips::generate(rows, &out, seed),
         Command::Audit {
             command:

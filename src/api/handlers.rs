@@ -366,11 +366,26 @@ pub(super) async fn list_jobs(
     ))
 }
 
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WaitQuery {
+    /// Long poll: answer as soon as the job has finished, or after this many seconds (at most
+    /// 30), whichever is first.
+    wait: Option<u64>,
+}
+
 pub(super) async fn get_job(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
+    let q = query(q)?;
+    visible_job(&s, &caller, &id)?;
+    if let Some(seconds) = q.wait.filter(|w| *w > 0) {
+        let timeout = std::time::Duration::from_secs(seconds.min(30));
+        s.runner.wait_finished(&id, timeout).await?;
+    }
     let (job, _) = visible_job(&s, &caller, &id)?;
     Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?))
 }
@@ -800,7 +815,7 @@ pub(super) async fn cancel_job(
 ) -> Result<Json<Json_>, ApiError> {
     caller.require(Role::Developer, "cancel jobs")?;
     visible_job(&s, &caller, &id)?;
-    if !crate::jobs::cancel(&s.store, &id)? {
+    if !s.runner.cancel(&id)? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "job_finished",

@@ -5,6 +5,8 @@
 //! tools can read them. Q2, Q4, Q5 and Q6 need gate features not built yet (contribution
 //! bounding, partition selection, wasm UDFs, sample-and-aggregate) and are refused by name.
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -327,7 +329,12 @@ impl GateFixture {
         let s = crate::scenario::apply(&store, &dev.id, app)?;
         let scenario =
             crate::scenario::approve(&store, &ledger, &s.id, "bench", &Approval::default())?;
-        let gate = Gate::new(store, ledger, dir.path().to_path_buf(), Limits::default());
+        // No table cache: "with load" must read the file on every run.
+        let limits = Limits {
+            table_cache_bytes: 0,
+            ..Limits::default()
+        };
+        let gate = Gate::new(store, ledger, dir.path().to_path_buf(), limits);
         Ok(GateFixture {
             _dir: dir,
             gate,

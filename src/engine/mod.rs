@@ -4,10 +4,13 @@
 //! copy, insert or set anything is refused before planning finishes.
 //!
 //! Exact results leave this module only as [`ExactAggregate`], which cannot be serialised or
-//! printed, and which only the gate reads.
+//! printed, and which only the gate reads. Decoded tables may be kept between jobs in a
+//! [`TableCache`] (in the server's memory, inside the domain; never printable either).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -62,9 +65,112 @@ pub struct JobSession {
     ctx: SessionContext,
 }
 
+/// The identity of a decoded table: the file as it is now, and the columns read.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    columns: Vec<String>,
+}
+
+struct CachedTable {
+    schema: SchemaRef,
+    partitions: Vec<Vec<RecordBatch>>,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// Tables decoded once and shared by later jobs: for small jobs, decoding Parquet is most of
+/// the work. Keyed by the file's path, length and modification time (a new version of the
+/// data is a new key) and the columns read; bounded in bytes, least recently used out first.
+#[derive(Clone)]
+pub struct TableCache {
+    budget: usize,
+    inner: Arc<Mutex<CacheInner>>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    tables: HashMap<CacheKey, CachedTable>,
+    used: usize,
+    clock: u64,
+}
+
+impl TableCache {
+    pub fn new(budget_bytes: usize) -> Self {
+        TableCache {
+            budget: budget_bytes,
+            inner: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<(SchemaRef, Vec<Vec<RecordBatch>>)> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let t = inner.tables.get_mut(key)?;
+        t.last_used = now;
+        // Record batches share their buffers: this clone copies pointers, not data.
+        Some((t.schema.clone(), t.partitions.clone()))
+    }
+
+    fn put(&self, key: CacheKey, schema: SchemaRef, partitions: Vec<Vec<RecordBatch>>) {
+        let bytes: usize = partitions
+            .iter()
+            .flatten()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        if bytes > self.budget {
+            return;
+        }
+        let mut inner = self.lock();
+        while inner.used + bytes > self.budget {
+            let Some(oldest) = inner
+                .tables
+                .iter()
+                .min_by_key(|(_, t)| t.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(t) = inner.tables.remove(&oldest) {
+                inner.used -= t.bytes;
+            }
+        }
+        inner.clock += 1;
+        let last_used = inner.clock;
+        if let Some(old) = inner.tables.insert(
+            key,
+            CachedTable {
+                schema,
+                partitions,
+                bytes,
+                last_used,
+            },
+        ) {
+            inner.used -= old.bytes;
+        }
+        inner.used += bytes;
+    }
+
+    /// Bytes held now.
+    pub fn used_bytes(&self) -> usize {
+        self.lock().used
+    }
+}
+
 impl JobSession {
     /// Builds a session holding exactly `tables`, with at most `memory_bytes` for execution.
-    pub async fn new(tables: &[TableSpec], memory_bytes: usize) -> Result<Self, EngineError> {
+    pub async fn new(
+        tables: &[TableSpec],
+        memory_bytes: usize,
+        cache: Option<&TableCache>,
+    ) -> Result<Self, EngineError> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(memory_bytes, 1.0)
             .with_disk_manager_builder(
@@ -86,6 +192,30 @@ impl JobSession {
             .build();
         let ctx = SessionContext::new_with_state(state);
         for spec in tables {
+            let key = cache.filter(|c| c.budget > 0).and_then(|c| {
+                // Decide before decoding: a table that would not fit is scanned from the file.
+                if uncompressed_bytes(&spec.path, &spec.columns)?.saturating_mul(2) > c.budget {
+                    return None;
+                }
+                let meta = std::fs::metadata(&spec.path).ok()?;
+                let mut columns = spec.columns.clone();
+                columns.sort();
+                Some(CacheKey {
+                    path: spec.path.clone(),
+                    len: meta.len(),
+                    modified: meta.modified().ok(),
+                    columns,
+                })
+            });
+            if let (Some(cache), Some(key)) = (cache, &key)
+                && let Some((schema, partitions)) = cache.get(key)
+            {
+                let table = MemTable::try_new(schema, partitions)
+                    .map_err(|e| EngineError::Setup(e.to_string()))?;
+                ctx.register_table(spec.table.as_str(), Arc::new(table))
+                    .map_err(|e| EngineError::Setup(e.to_string()))?;
+                continue;
+            }
             let url = ListingTableUrl::parse(spec.path.to_string_lossy())
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
             let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
@@ -107,20 +237,24 @@ impl JobSession {
             let table = Arc::new(
                 ListingTable::try_new(config).map_err(|e| EngineError::Setup(e.to_string()))?,
             );
-            let provider: Arc<dyn datafusion::catalog::TableProvider> = if spec.in_memory {
-                let batches = ctx
-                    .read_table(table)
-                    .map_err(|e| EngineError::Setup(e.to_string()))?
-                    .collect_partitioned()
-                    .await
-                    .map_err(|e| EngineError::Setup(e.to_string()))?;
-                Arc::new(
-                    MemTable::try_new(schema, batches)
-                        .map_err(|e| EngineError::Setup(e.to_string()))?,
-                )
-            } else {
-                table
-            };
+            let provider: Arc<dyn datafusion::catalog::TableProvider> =
+                if spec.in_memory || key.is_some() {
+                    let batches = ctx
+                        .read_table(table)
+                        .map_err(|e| EngineError::Setup(e.to_string()))?
+                        .collect_partitioned()
+                        .await
+                        .map_err(|e| EngineError::Setup(e.to_string()))?;
+                    if let (Some(cache), Some(key)) = (cache, key) {
+                        cache.put(key, schema.clone(), batches.clone());
+                    }
+                    Arc::new(
+                        MemTable::try_new(schema, batches)
+                            .map_err(|e| EngineError::Setup(e.to_string()))?,
+                    )
+                } else {
+                    table
+                };
             ctx.register_table(spec.table.as_str(), provider)
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
         }
@@ -161,6 +295,21 @@ impl JobSession {
     }
 }
 
+/// The uncompressed size of `columns` in a Parquet file, from its footer.
+fn uncompressed_bytes(path: &std::path::Path, columns: &[String]) -> Option<usize> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(std::fs::File::open(path).ok()?).ok()?;
+    let mut total = 0i64;
+    for rg in reader.metadata().row_groups() {
+        for c in rg.columns() {
+            if columns.iter().any(|name| c.column_path().string() == *name) {
+                total += c.uncompressed_size();
+            }
+        }
+    }
+    usize::try_from(total).ok()
+}
+
 fn bounded(mut s: String) -> String {
     if s.len() > 300 {
         let mut cut = 300;
@@ -171,4 +320,48 @@ fn bounded(mut s: String) -> String {
         s.push('…');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+
+    async fn count(spec: &TableSpec, cache: &TableCache) -> i64 {
+        let s = JobSession::new(std::slice::from_ref(spec), 1 << 28, Some(cache))
+            .await
+            .unwrap();
+        let plan = s.plan("SELECT COUNT(district) FROM trips").await.unwrap();
+        let out = s.execute(plan).await.unwrap();
+        out.0[0].column(0).as_primitive::<Int64Type>().value(0)
+    }
+
+    #[tokio::test]
+    async fn decoded_tables_are_shared_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trips.parquet");
+        crate::demo::trips::generate(1000, &path, 1).unwrap();
+        let spec = TableSpec {
+            table: "trips".into(),
+            path: path.clone(),
+            columns: vec!["district".into(), "fare".into()],
+            in_memory: false,
+        };
+        let cache = TableCache::new(64 << 20);
+        assert_eq!(count(&spec, &cache).await, 1000);
+        let held = cache.used_bytes();
+        assert!(held > 0, "the first job decoded and kept the table");
+        assert_eq!(count(&spec, &cache).await, 1000);
+        assert_eq!(cache.used_bytes(), held, "the second job reused it");
+
+        // A new version of the data is a new key: the next job sees it.
+        crate::demo::trips::generate(1500, &path, 2).unwrap();
+        assert_eq!(count(&spec, &cache).await, 1500);
+
+        // A budget too small for the table keeps nothing, and the job still runs.
+        let tiny = TableCache::new(1024);
+        assert_eq!(count(&spec, &tiny).await, 1500);
+        assert_eq!(tiny.used_bytes(), 0);
+    }
 }

@@ -140,6 +140,7 @@ pub struct Gate {
     ledger: Arc<Ledger>,
     data_dir: PathBuf,
     limits: Limits,
+    tables: crate::engine::TableCache,
 }
 
 /// One noisy measurement's calibration, all from OpenDP.
@@ -154,6 +155,7 @@ struct Calibrated {
 impl Gate {
     pub fn new(store: Store, ledger: Arc<Ledger>, data_dir: PathBuf, limits: Limits) -> Self {
         Gate {
+            tables: crate::engine::TableCache::new(limits.table_cache_bytes),
             store,
             ledger,
             data_dir,
@@ -204,7 +206,8 @@ impl Gate {
             });
             datasets.insert(policy.table.clone(), policy);
         }
-        let session = JobSession::new(&specs, self.limits.query_memory_bytes).await?;
+        let session =
+            JobSession::new(&specs, self.limits.query_memory_bytes, Some(&self.tables)).await?;
         Ok(JobGrant {
             job_id: job_id.into(),
             developer_id: developer_id.into(),

@@ -154,6 +154,8 @@ pub struct Runner {
     sandbox: Arc<Sandbox>,
     modules_dir: std::path::PathBuf,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Bumped whenever a job's run ends, for callers waiting on one (`GET /v1/jobs/{id}?wait=`).
+    finished: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Runner {
@@ -174,6 +176,39 @@ impl Runner {
             sandbox,
             modules_dir,
             slots,
+            finished: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// Cancels a queued or running job (see [`cancel`]) and wakes its waiters.
+    pub fn cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let cancelled = cancel(&self.store, id)?;
+        self.finished.send_modify(|n| *n += 1);
+        Ok(cancelled)
+    }
+
+    /// Waits until job `id` has left `queued` and `running` (or `timeout` passes); answers
+    /// whether it has.
+    pub async fn wait_finished(
+        &self,
+        id: &str,
+        timeout: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.finished.subscribe();
+        loop {
+            changes.mark_unchanged();
+            let done = get(&self.store, id)?
+                .is_none_or(|(j, _)| !matches!(j.status, JobStatus::Queued | JobStatus::Running));
+            if done {
+                return Ok(true);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(false);
+            }
         }
     }
 
@@ -317,6 +352,7 @@ impl Runner {
                 record.detail.insert("error_code".into(), code);
             }
             crate::audit::append_logged(&runner.store, record);
+            runner.finished.send_modify(|n| *n += 1);
         });
         Ok(job)
     }

@@ -99,3 +99,52 @@ fn gen_trips_writes_into_a_new_directory_with_the_workload_columns() {
         ]
     );
 }
+
+#[test]
+fn the_http_bench_measures_cold_start_uploads_and_jobs_under_load() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
+        .args([
+            "bench",
+            "--http",
+            "--rows",
+            "20000",
+            "--jobs",
+            "3",
+            "--clients",
+            "1,4",
+            "--uploads",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let op = |name: &'static str| lines.iter().filter(move |l| l["op"] == name);
+    let start = op("serve_to_health").next().expect("cold start line");
+    assert!(start["ms"].as_f64().unwrap() > 0.0);
+    let upload = op("upload").next().expect("upload line");
+    assert_eq!(upload["runs"], 1);
+    let first = op("first_job").next().expect("first job line");
+    assert!(first["new_module_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(first["rows"], 20000);
+    let jobs: Vec<_> = op("job").collect();
+    assert_eq!(jobs.len(), 2);
+    for (line, clients) in jobs.iter().zip([1, 4]) {
+        assert_eq!(line["clients"], clients);
+        assert_eq!(line["jobs"], 3 * clients);
+        let (p50, p99) = (
+            line["p50_ms"].as_f64().unwrap(),
+            line["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p50 <= p99, "{line}");
+        assert!(line["jobs_per_s"].as_f64().unwrap() > 0.0);
+    }
+}
