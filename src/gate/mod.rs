@@ -13,6 +13,7 @@
 //! `unconditional` (openly publishable) ones answer the same query shapes exactly, without
 //! noise or minimum group size, at ε = 0 — still recorded in the ledger as a use.
 
+mod fixed_point;
 mod plan;
 
 use std::collections::HashMap;

@@ -7,7 +7,7 @@ use arrow::datatypes::DataType;
 use datafusion::common::DFSchema;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit, when,
+    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit,
 };
 use unseen_guest::contract::{ColumnKind, QueryRequest};
 
@@ -114,16 +114,14 @@ impl MeasureSpec {
                 fixed_point,
                 ..
             } => {
-                // Arrow compares floats by IEEE total order, so NaN clamps to a bound too.
+                // Clamp, shift, scale and truncate in one kernel. Truncation toward zero biases by
+                // under one fixed-point unit per row (≤ 2⁻²⁰ of the bound's magnitude), far
+                // below the noise, and is cheaper than rounding.
                 let x = cast(expr.clone(), DataType::Float64);
-                let clamped = when(x.clone().lt(lit(*lo)), lit(*lo))
-                    .when(x.clone().gt(lit(*hi)), lit(*hi))
-                    .otherwise(x)
-                    .map_err(plan_error)?;
-                // The cast truncates toward zero: a bias under one fixed-point unit per row
-                // (≤ 2⁻²⁰ of the bound's magnitude), far below the noise; cheaper than rounding.
-                let scaled = (clamped - lit(*shift)) * lit(*fixed_point);
-                sum(cast(scaled, DataType::Int64)).alias(name)
+                let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
+                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point),
+                );
+                sum(udf.call(vec![x])).alias(name)
             }
         })
     }

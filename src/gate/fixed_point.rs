@@ -1,0 +1,109 @@
+//! The gate's one scalar kernel: clamp a value to public bounds, shift it, scale it and
+//! truncate it to a fixed-point integer — in one pass, instead of a CASE, a subtraction, a
+//! multiplication and a cast, each of which materialises a column (that chain was a fifth of a
+//! small job's CPU). Built only by the gate into plans it constructs; it is not registered in
+//! the session, so guest SQL cannot name it.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array};
+use arrow::datatypes::{DataType, Float64Type};
+use datafusion::common::{Result, ScalarValue, internal_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+
+#[derive(Debug)]
+pub(crate) struct FixedPoint {
+    lo: f64,
+    hi: f64,
+    shift: f64,
+    scale: f64,
+    signature: Signature,
+}
+
+impl FixedPoint {
+    pub(crate) fn new(lo: f64, hi: f64, shift: f64, scale: f64) -> Self {
+        FixedPoint {
+            lo,
+            hi,
+            shift,
+            scale,
+            signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
+        }
+    }
+
+    /// `trunc((clamp(x, lo, hi) − shift) · scale)`; NaN counts as `lo`. The result lies in
+    /// `[trunc((lo − shift)·scale), trunc((hi − shift)·scale)]`, the bounds the gate gives
+    /// OpenDP's `make_sum`. (`as` truncates toward zero, as DataFusion's cast did.)
+    fn convert(&self, x: f64) -> i64 {
+        let c = if x.is_nan() {
+            self.lo
+        } else {
+            x.clamp(self.lo, self.hi)
+        };
+        ((c - self.shift) * self.scale) as i64
+    }
+
+    fn bits(&self) -> [u64; 4] {
+        [self.lo, self.hi, self.shift, self.scale].map(f64::to_bits)
+    }
+}
+
+impl PartialEq for FixedPoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.bits() == other.bits()
+    }
+}
+
+impl Eq for FixedPoint {}
+
+impl Hash for FixedPoint {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.bits().hash(state);
+    }
+}
+
+impl ScalarUDFImpl for FixedPoint {
+    fn name(&self) -> &str {
+        "unseen_fixed_point"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        match args.args.first() {
+            Some(ColumnarValue::Array(a)) if a.data_type() == &DataType::Float64 => {
+                let out: Int64Array = a.as_primitive::<Float64Type>().unary(|x| self.convert(x));
+                Ok(ColumnarValue::Array(Arc::new(out)))
+            }
+            Some(ColumnarValue::Scalar(ScalarValue::Float64(v))) => Ok(ColumnarValue::Scalar(
+                ScalarValue::Int64(v.map(|x| self.convert(x))),
+            )),
+            _ => internal_err!("unseen_fixed_point takes one Float64 argument"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_clamped_shifted_scaled_and_truncated() {
+        let f = FixedPoint::new(0.0, 100.0, 50.0, 4.0);
+        assert_eq!(f.convert(-3.0), -200);
+        assert_eq!(f.convert(1e300), 200);
+        assert_eq!(f.convert(f64::NAN), -200);
+        assert_eq!(f.convert(f64::INFINITY), 200);
+        assert_eq!(f.convert(50.3), 1); // 1.2 truncates to 1
+        assert_eq!(f.convert(49.7), -1); // −1.2 truncates toward zero
+    }
+}
