@@ -175,6 +175,86 @@ async fn bad_requests_get_stable_codes_and_change_nothing() {
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
         ),
+        (
+            raw(
+                Method::PATCH,
+                "/v1/datasets/trips",
+                &s.operator,
+                "{\"open_attribute\":",
+            ),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            raw(
+                Method::PATCH,
+                "/v1/datasets/trips",
+                &s.operator,
+                r#"{"open_attribute": "secret", "reason": "r"}"#,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            raw(
+                Method::PATCH,
+                "/v1/datasets/nope",
+                &s.operator,
+                r#"{"description": "d"}"#,
+            ),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            raw(
+                Method::POST,
+                "/v1/datasets/trips/objections",
+                &s.developer,
+                r#"{"text": "", "extra": 1}"#,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            raw(
+                Method::POST,
+                "/v1/objections/obj_nope/answer",
+                &s.operator,
+                r#"{"answer": "a"}"#,
+            ),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            raw(
+                Method::GET,
+                &format!("{job_path}?wait=soon"),
+                &s.developer,
+                "",
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            raw(Method::GET, "/v1/audit?limit=-1", &s.auditor, ""),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            raw(Method::DELETE, "/v1/jobs/job_nope", &s.developer, ""),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            raw(
+                Method::POST,
+                "/v1/scenarios",
+                &s.developer,
+                r#"{"purpose": "p", "columns": {"trips": ["district"]}, "modules": ["0000000000000000000000000000000000000000000000000000000000000000"], "epsilon": 1, "per_job_epsilon": 1, "valid_until": "next tuesday"}"#,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_scenario",
+        ),
     ];
     for (req, status, code) in cases {
         let resp = req.send().await.unwrap();
@@ -206,6 +286,16 @@ async fn bad_requests_get_stable_codes_and_change_nothing() {
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "body_too_large");
+
+    // Nothing above changed the catalogue or filed an objection.
+    let (_, trips) = s
+        .call(Method::GET, "/v1/datasets/trips", &s.developer, None)
+        .await;
+    assert_eq!(trips["open_attribute"], "conditional");
+    let (_, objections) = s
+        .call(Method::GET, "/v1/objections", &s.operator, None)
+        .await;
+    assert_eq!(objections["objections"], json!([]));
 
     // Nothing above created a scenario or a job.
     let (_, scenarios) = s
