@@ -154,14 +154,8 @@ struct Conn {
 enum PrincipalsCommand {
     /// Register a principal; prints it and its token (shown once).
     Add {
-        #[arg(long)]
-        role: String,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        organisation: Option<String>,
-        #[arg(long)]
-        licence_id: Option<String>,
+        #[command(flatten)]
+        who: PrincipalArgs,
     },
     Revoke {
         id: String,
@@ -312,15 +306,22 @@ enum PrincipalCommand {
     Add {
         #[arg(long)]
         data_dir: PathBuf,
-        #[arg(long)]
-        role: String,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        organisation: Option<String>,
-        #[arg(long)]
-        licence_id: Option<String>,
+        #[command(flatten)]
+        who: PrincipalArgs,
     },
+}
+
+/// A new principal: role (developer, operator or auditor), real name, organisation, licence.
+#[derive(Args)]
+struct PrincipalArgs {
+    #[arg(long)]
+    role: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    organisation: Option<String>,
+    #[arg(long)]
+    licence_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -434,10 +435,13 @@ fn run() -> anyhow::Result<()> {
             command:
                 PrincipalCommand::Add {
                     data_dir,
-                    role,
-                    name,
-                    organisation,
-                    licence_id,
+                    who:
+                        PrincipalArgs {
+                            role,
+                            name,
+                            organisation,
+                            licence_id,
+                        },
                 },
         } => {
             let role =
@@ -535,10 +539,13 @@ fn remote_call(command: Command) -> anyhow::Result<(Conn, Method, String, Option
     Ok(match command {
         Command::Principals { conn, command } => match command {
             PrincipalsCommand::Add {
-                role,
-                name,
-                organisation,
-                licence_id,
+                who:
+                    PrincipalArgs {
+                        role,
+                        name,
+                        organisation,
+                        licence_id,
+                    },
             } => (
                 conn,
                 M::POST,

@@ -447,16 +447,26 @@ pub(super) async fn release_job(
     Path(id): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
     caller.require(Role::Operator, "release reports")?;
-    visible_job(&s, &caller, &id)?;
-    if !crate::jobs::decide_review(&s.store, &id, true, None)? {
+    review(&s, &caller, &id, None)
+}
+
+/// Releases (no reason) or withholds (with one) a report held for review.
+fn review(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+    withheld_for: Option<&str>,
+) -> Result<Json<Json_>, ApiError> {
+    visible_job(s, caller, id)?;
+    if !crate::jobs::decide_review(&s.store, id, withheld_for.is_none(), withheld_for)? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_awaiting_review",
             "the job is not awaiting review",
         ));
     }
-    let (job, _) = visible_job(&s, &caller, &id)?;
-    Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?))
+    let (job, _) = visible_job(s, caller, id)?;
+    to_json(job)
 }
 
 pub(super) async fn withhold_job(
@@ -476,16 +486,7 @@ pub(super) async fn withhold_job(
             "a reason of 1 to 4000 characters is required",
         ));
     }
-    visible_job(&s, &caller, &id)?;
-    if !crate::jobs::decide_review(&s.store, &id, false, Some(reason))? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_awaiting_review",
-            "the job is not awaiting review",
-        ));
-    }
-    let (job, _) = visible_job(&s, &caller, &id)?;
-    Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?))
+    review(&s, &caller, &id, Some(reason))
 }
 
 pub(super) async fn budget(
