@@ -60,12 +60,15 @@ enum Command {
     Bench {
         /// A Parquet file with the trips columns (e.g. from shared/bench/gen_trips.py); with
         /// --http, generated (--rows) if omitted.
-        #[arg(long, required_unless_present = "http")]
+        #[arg(long, required_unless_present_any = ["http", "instantiate"])]
         data: Option<PathBuf>,
         /// Measure the HTTP path instead: cold start, uploads, and small jobs under load
         /// from a server process on loopback.
         #[arg(long)]
         http: bool,
+        /// Measure module instantiation instead (what every job pays before its entry runs).
+        #[arg(long, conflicts_with = "http")]
+        instantiate: bool,
         /// With --http and no --data: rows of synthetic trips to serve.
         #[arg(long, default_value_t = 1_000_000)]
         rows: usize,
@@ -471,6 +474,11 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ledger { command } => ledger(command),
+        Command::Bench {
+            instantiate: true,
+            runs,
+            ..
+        } => unseen::bench::instantiation(runs.max(1000)),
         Command::Bench {
             data,
             http: true,

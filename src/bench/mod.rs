@@ -343,3 +343,33 @@ impl GateFixture {
         })
     }
 }
+
+/// `unseen bench --instantiate`: what every job pays before its entry runs — a fresh store
+/// (fuel, limiter) and an instance of a module compiled and linked at upload — for each
+/// example module. One JSON line per module.
+pub fn instantiation(runs: usize) -> anyhow::Result<()> {
+    let sandbox = crate::sandbox::Sandbox::new(Limits::default())?;
+    for (name, wasm) in [
+        ("district_stats", crate::examples::DISTRICT_STATS),
+        ("query_runner", crate::examples::QUERY_RUNNER),
+    ] {
+        let module = sandbox.validate(wasm)?;
+        sandbox.time_instantiation(&module, 10)?; // warm-up
+        let mut us = sandbox.time_instantiation(&module, runs.max(1))?;
+        us.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            json!({
+                "bench": "sandbox",
+                "op": "instantiate",
+                "module": name,
+                "module_bytes": wasm.len(),
+                "allocator": "on-demand",
+                "runs": us.len(),
+                "p50_us": us[us.len() / 2],
+                "p99_us": us[(us.len() * 99).div_ceil(100) - 1],
+            })
+        );
+    }
+    Ok(())
+}

@@ -11,7 +11,8 @@ use unseen_guest::contract::{
     IMPORT_TAKE_RESPONSE, IMPORTS, QueryError, QueryRequest, QueryResponse,
 };
 use wasmtime::{
-    Caller, Config, Engine, ExternType, Linker, Module, ResourceLimiter, Store, Trap, ValType,
+    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, Trap,
+    ValType,
 };
 
 use crate::config::Limits;
@@ -99,6 +100,8 @@ pub struct ValidatedModule {
     pub hash: String,
     pub entries: Vec<String>,
     pub module: Module,
+    /// Imports resolved once against the host's linker: a job only instantiates.
+    pre: InstancePre<RunState>,
 }
 
 pub struct Sandbox {
@@ -393,10 +396,15 @@ impl Sandbox {
             )));
         }
         entries.sort();
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|_| ModuleError::Invalid)?;
         let validated = ValidatedModule {
             hash: hash.clone(),
             entries,
             module,
+            pre,
         };
         self.cache().insert(hash, validated.clone());
         Ok(validated)
@@ -407,16 +415,8 @@ impl Sandbox {
     }
 
     /// Runs `entry` with `params` (JSON bytes) in a fresh store; returns the module's output.
-    pub fn run(
-        &self,
-        module: &ValidatedModule,
-        entry: &str,
-        params: &[u8],
-        host: Box<dyn Host>,
-    ) -> Result<Vec<u8>, RunError> {
-        if !module.entries.iter().any(|e| e == entry) {
-            return Err(RunError::UnknownEntry(bounded_name(entry)));
-        }
+    /// A fresh store for one run: its own fuel, its own limiter.
+    fn store(&self, host: Box<dyn Host>) -> Result<Store<RunState>, RunError> {
         let state = RunState {
             host,
             limits: self.limits.clone(),
@@ -432,9 +432,51 @@ impl Sandbox {
         store
             .set_fuel(self.limits.fuel_per_job)
             .map_err(|_| RunError::Protocol("fuel"))?;
+        Ok(store)
+    }
 
+    /// Times `runs` fresh instantiations of a module (store, limiter, fuel, instance — what
+    /// every job pays before its entry runs), in microseconds.
+    pub fn time_instantiation(
+        &self,
+        module: &ValidatedModule,
+        runs: usize,
+    ) -> Result<Vec<f64>, RunError> {
+        struct NoHost;
+        impl Host for NoHost {
+            fn query(&mut self, _: QueryRequest) -> QueryResponse {
+                Err(QueryError {
+                    code: "no_host".into(),
+                    message: "timing only".into(),
+                })
+            }
+        }
+        let mut out = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let started = std::time::Instant::now();
+            let mut store = self.store(Box::new(NoHost))?;
+            module
+                .pre
+                .instantiate(&mut store)
+                .map_err(|_| RunError::Protocol("instantiation failed"))?;
+            out.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(out)
+    }
+
+    pub fn run(
+        &self,
+        module: &ValidatedModule,
+        entry: &str,
+        params: &[u8],
+        host: Box<dyn Host>,
+    ) -> Result<Vec<u8>, RunError> {
+        if !module.entries.iter().any(|e| e == entry) {
+            return Err(RunError::UnknownEntry(bounded_name(entry)));
+        }
+        let mut store = self.store(host)?;
         let result = (|| -> wasmtime::Result<i32> {
-            let instance = self.linker.instantiate(&mut store, &module.module)?;
+            let instance = module.pre.instantiate(&mut store)?;
             let alloc = instance.get_typed_func::<i32, i32>(&mut store, EXPORT_ALLOC)?;
             let entry_fn = instance
                 .get_typed_func::<(i32, i32), i32>(&mut store, &format!("{ENTRY_PREFIX}{entry}"))?;

@@ -148,3 +148,31 @@ fn the_http_bench_measures_cold_start_uploads_and_jobs_under_load() {
         assert!(line["jobs_per_s"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn the_instantiation_bench_times_every_example_module() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
+        .args(["bench", "--instantiate"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let modules: Vec<&str> = lines
+        .iter()
+        .map(|l| l["module"].as_str().unwrap())
+        .collect();
+    assert_eq!(modules, ["district_stats", "query_runner"]);
+    for l in &lines {
+        assert_eq!(l["runs"], 1000);
+        let (p50, p99) = (l["p50_us"].as_f64().unwrap(), l["p99_us"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= p99, "{l}");
+    }
+}
