@@ -87,6 +87,9 @@ enum Command {
         /// Runs per measurement; the median is reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Only the runs that read the file (for files bigger than memory should hold).
+        #[arg(long)]
+        streaming: bool,
     },
     /// Principals on a running server (operators).
     Principals {
@@ -497,11 +500,16 @@ fn run() -> anyhow::Result<()> {
             },
         )),
         Command::Bench {
-            data, query, runs, ..
+            data,
+            query,
+            runs,
+            streaming,
+            ..
         } => runtime()?.block_on(unseen::bench::run(unseen::bench::BenchOptions {
             data: data.context("give --data FILE")?,
             query,
             runs,
+            streaming,
         })),
         Command::GenTrips { rows, out, seed } => unseen::demo::trips::generate(rows, &out, seed),
         Command::Audit {

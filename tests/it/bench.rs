@@ -176,3 +176,39 @@ fn the_instantiation_bench_times_every_example_module() {
         assert!(p50 > 0.0 && p50 <= p99, "{l}");
     }
 }
+
+#[test]
+fn streaming_bench_reads_the_file_every_run_and_reports_no_in_memory_time() {
+    let dir = tempfile::tempdir().unwrap();
+    unseen::demo::prepare_trips(dir.path(), 5_000).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
+        .args([
+            "bench",
+            "--query",
+            "Q1",
+            "--runs",
+            "1",
+            "--streaming",
+            "--data",
+        ])
+        .arg(dir.path().join("data/trips.parquet"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let modes: Vec<_> = lines.iter().filter(|l| l["mode"].is_string()).collect();
+    assert_eq!(modes.len(), 2);
+    for l in modes {
+        assert!(l["wall_s"].is_null(), "{l}");
+        assert!(l["wall_with_load_s"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["rows_per_s"].as_f64().unwrap() > 0.0, "{l}");
+    }
+}
