@@ -69,6 +69,9 @@ pub struct Limits {
     pub query_memory_bytes: usize,
     /// Jobs running at once; the rest wait in the queue.
     pub concurrent_jobs: usize,
+    /// Compiled modules kept in memory; the least recently used is dropped first and compiled
+    /// again from its file when next needed.
+    pub max_cached_modules: usize,
     /// Memory for tables kept decoded between jobs, bytes (0: read the Parquet file for every
     /// job). Least recently used tables leave first; a table larger than this is never kept.
     pub table_cache_bytes: usize,
@@ -88,6 +91,7 @@ impl Default for Limits {
             max_sql_bytes: 16 << 10,
             query_memory_bytes: 1 << 30,
             concurrent_jobs: 2,
+            max_cached_modules: 256,
             table_cache_bytes: 2 << 30,
         }
     }

@@ -108,7 +108,10 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<RunState>,
     limits: Limits,
-    compiled: Mutex<HashMap<String, ValidatedModule>>,
+    /// Compiled modules by hash, with the tick each was last used (bounded by
+    /// `limits.max_cached_modules`; an evicted module is compiled again from its file).
+    compiled: Mutex<HashMap<String, (ValidatedModule, u64)>>,
+    tick: std::sync::atomic::AtomicU64,
 }
 
 struct RunState {
@@ -293,6 +296,7 @@ impl Sandbox {
             linker,
             limits,
             compiled: Mutex::new(HashMap::new()),
+            tick: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -314,7 +318,9 @@ impl Sandbox {
             });
         }
         let hash = Self::module_hash(bytes);
-        if let Some(v) = self.cache().get(&hash) {
+        let now = self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((v, last)) = self.cache().get_mut(&hash) {
+            *last = now;
             return Ok(v.clone());
         }
         // Binary only: the `wat` feature is off, so text never parses. Validation happens here.
@@ -406,15 +412,30 @@ impl Sandbox {
             module,
             pre,
         };
-        self.cache().insert(hash, validated.clone());
+        let mut cache = self.cache();
+        while cache.len() >= self.limits.max_cached_modules.max(1) {
+            let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, (_, last))| *last)
+                .map(|(h, _)| h.clone())
+            else {
+                break;
+            };
+            cache.remove(&oldest);
+        }
+        cache.insert(hash, (validated.clone(), now));
         Ok(validated)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, ValidatedModule>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ValidatedModule, u64)>> {
         self.compiled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `entry` with `params` (JSON bytes) in a fresh store; returns the module's output.
+    /// Compiled modules held now.
+    pub fn cached_modules(&self) -> usize {
+        self.cache().len()
+    }
+
     /// A fresh store for one run: its own fuel, its own limiter.
     fn store(&self, host: Box<dyn Host>) -> Result<Store<RunState>, RunError> {
         let state = RunState {
@@ -464,6 +485,7 @@ impl Sandbox {
         Ok(out)
     }
 
+    /// Runs `entry` with `params` (JSON bytes) in a fresh store; returns the module's output.
     pub fn run(
         &self,
         module: &ValidatedModule,
@@ -515,5 +537,40 @@ impl Sandbox {
                 }
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same code under a new hash: a custom section appended.
+    fn variant(n: u8) -> Vec<u8> {
+        let mut wasm = crate::examples::QUERY_RUNNER.to_vec();
+        wasm.extend_from_slice(&[0, 3, 1, b'v', n]);
+        wasm
+    }
+
+    #[test]
+    fn the_compiled_module_cache_is_bounded_and_evicts_the_least_recently_used() {
+        let sandbox = Sandbox::new(Limits {
+            max_cached_modules: 2,
+            ..Limits::default()
+        })
+        .unwrap();
+        let (a, b, c) = (variant(1), variant(2), variant(3));
+        sandbox.validate(&a).unwrap();
+        sandbox.validate(&b).unwrap();
+        sandbox.validate(&a).unwrap(); // a is now more recent than b
+        sandbox.validate(&c).unwrap(); // evicts b
+        assert_eq!(sandbox.cached_modules(), 2);
+        let cached: Vec<String> = sandbox.cache().keys().cloned().collect();
+        assert!(cached.contains(&Sandbox::module_hash(&a)));
+        assert!(cached.contains(&Sandbox::module_hash(&c)));
+        // An evicted module compiles again, to the same id and entries.
+        let again = sandbox.validate(&b).unwrap();
+        assert_eq!(again.hash, Sandbox::module_hash(&b));
+        assert_eq!(again.entries, ["main"]);
+        assert_eq!(sandbox.cached_modules(), 2);
     }
 }
