@@ -1,15 +1,10 @@
 //! `unseen bench` prints one JSON line per (question, mode) with the agreed field names, and
 //! refuses the questions the gate cannot answer yet by name.
 
-#[test]
-fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
-    let dir = tempfile::tempdir().unwrap();
-    unseen::demo::prepare_trips(dir.path(), 20_000).unwrap();
-    let data = dir.path().join("data/trips.parquet");
-    let bin = env!("CARGO_BIN_EXE_unseen");
-    let out = std::process::Command::new(bin)
-        .args(["bench", "--query", "all", "--runs", "1", "--data"])
-        .arg(&data)
+/// Runs `unseen <args>`, fails the test if it fails, and parses its standard output as JSON lines.
+fn json_lines(args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -17,11 +12,33 @@ fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+    String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// `json_lines` for plain string arguments.
+fn json_lines_of(args: &[&str]) -> Vec<serde_json::Value> {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    json_lines(&args)
+}
+
+#[test]
+fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    unseen::demo::prepare_trips(dir.path(), 20_000).unwrap();
+    let data = dir.path().join("data/trips.parquet");
+    let lines = json_lines(&[
+        "bench".as_ref(),
+        "--query".as_ref(),
+        "all".as_ref(),
+        "--runs".as_ref(),
+        "1".as_ref(),
+        "--data".as_ref(),
+        data.as_os_str(),
+    ]);
     let measured: Vec<_> = lines.iter().filter(|l| l.get("mode").is_some()).collect();
     assert_eq!(measured.len(), 4, "Q1 and Q3, gate and plain: {lines:?}");
     for l in &measured {
@@ -52,7 +69,7 @@ fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
             );
         }
     }
-    let q2 = std::process::Command::new(bin)
+    let q2 = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
         .args(["bench", "--query", "Q2", "--data"])
         .arg(&data)
         .output()
@@ -102,31 +119,18 @@ fn gen_trips_writes_into_a_new_directory_with_the_workload_columns() {
 
 #[test]
 fn the_http_bench_measures_cold_start_uploads_and_jobs_under_load() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
-        .args([
-            "bench",
-            "--http",
-            "--rows",
-            "20000",
-            "--jobs",
-            "3",
-            "--clients",
-            "1,4",
-            "--uploads",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines_of(&[
+        "bench",
+        "--http",
+        "--rows",
+        "20000",
+        "--jobs",
+        "3",
+        "--clients",
+        "1,4",
+        "--uploads",
+        "1",
+    ]);
     let op = |name: &'static str| lines.iter().filter(move |l| l["op"] == name);
     let start = op("serve_to_health").next().expect("cold start line");
     assert!(start["ms"].as_f64().unwrap() > 0.0);
@@ -151,20 +155,7 @@ fn the_http_bench_measures_cold_start_uploads_and_jobs_under_load() {
 
 #[test]
 fn the_instantiation_bench_times_every_example_module() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
-        .args(["bench", "--instantiate"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines_of(&["bench", "--instantiate"]);
     let modules: Vec<&str> = lines
         .iter()
         .map(|l| l["module"].as_str().unwrap())
@@ -181,29 +172,20 @@ fn the_instantiation_bench_times_every_example_module() {
 fn streaming_bench_reads_the_file_every_run_and_reports_no_in_memory_time() {
     let dir = tempfile::tempdir().unwrap();
     unseen::demo::prepare_trips(dir.path(), 5_000).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
-        .args([
-            "bench",
-            "--query",
-            "Q1",
-            "--runs",
-            "1",
-            "--streaming",
-            "--data",
-        ])
-        .arg(dir.path().join("data/trips.parquet"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let data = dir.path().join("data/trips.parquet");
+    let mut args: Vec<&std::ffi::OsStr> = [
+        "bench",
+        "--query",
+        "Q1",
+        "--runs",
+        "1",
+        "--streaming",
+        "--data",
+    ]
+    .map(std::ffi::OsStr::new)
+    .to_vec();
+    args.push(data.as_os_str());
+    let lines = json_lines(&args);
     let modes: Vec<_> = lines.iter().filter(|l| l["mode"].is_string()).collect();
     assert_eq!(modes.len(), 2);
     for l in modes {
