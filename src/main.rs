@@ -296,13 +296,8 @@ enum AuditCommand {
     },
     /// Verify the hash chain: of a data directory, or offline of an export and its signed head.
     Verify {
-        #[arg(long, conflicts_with_all = ["export", "public_key"])]
-        data_dir: Option<PathBuf>,
-        #[arg(long, requires = "public_key")]
-        export: Option<PathBuf>,
-        /// The ledger's public key: hex, or a file holding it.
-        #[arg(long, requires = "export")]
-        public_key: Option<String>,
+        #[command(flatten)]
+        what: VerifyArgs,
     },
 }
 
@@ -315,6 +310,18 @@ enum PrincipalCommand {
         #[command(flatten)]
         who: PrincipalArgs,
     },
+}
+
+/// What to verify: a data directory in place, or an export offline with the ledger's key.
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(long, conflicts_with_all = ["export", "public_key"])]
+    data_dir: Option<PathBuf>,
+    #[arg(long, requires = "public_key")]
+    export: Option<PathBuf>,
+    /// The ledger's public key: hex, or a file holding it.
+    #[arg(long, requires = "export")]
+    public_key: Option<String>,
 }
 
 /// A new principal: role (developer, operator or auditor), real name, organisation, licence.
@@ -348,13 +355,8 @@ enum LedgerCommand {
     /// Verify chain, signatures, Merkle root and checkpoint, and replay every debit against
     /// the grants: of a data directory, or offline of an export.
     Verify {
-        #[arg(long, conflicts_with_all = ["export", "public_key"])]
-        data_dir: Option<PathBuf>,
-        #[arg(long, requires = "public_key")]
-        export: Option<PathBuf>,
-        /// The public key: hex, or a file holding it.
-        #[arg(long, requires = "export")]
-        public_key: Option<String>,
+        #[command(flatten)]
+        what: VerifyArgs,
     },
     /// ε spent per scenario, dataset and developer against the caps granted.
     Totals {
@@ -515,9 +517,12 @@ fn run() -> anyhow::Result<()> {
         Command::Audit {
             command:
                 AuditCommand::Verify {
-                    data_dir,
-                    export,
-                    public_key,
+                    what:
+                        VerifyArgs {
+                            data_dir,
+                            export,
+                            public_key,
+                        },
                 },
         } => audit_verify(data_dir, export, public_key),
         Command::Audit {
@@ -839,9 +844,12 @@ fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LedgerCommand::Verify {
-            data_dir,
-            export,
-            public_key,
+            what:
+                VerifyArgs {
+                    data_dir,
+                    export,
+                    public_key,
+                },
         } => {
             let started = std::time::Instant::now();
             let summary = match (data_dir, export, public_key) {
