@@ -81,7 +81,7 @@ enum Command {
         /// With --http: new modules to upload (each compiled).
         #[arg(long, default_value_t = 10)]
         uploads: usize,
-        /// Q1, Q3 or all.
+        /// Q1, Q2, Q3, Q4 or all.
         #[arg(long, default_value = "all")]
         query: String,
         /// Runs per measurement; the median is reported.

@@ -41,7 +41,7 @@ pub const EXPORT_ALLOC: &str = "unseen_alloc";
 pub const ENTRY_PREFIX: &str = "unseen_entry_";
 
 /// A DP query a guest asks the host to run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryRequest {
     /// SQL whose top is an aggregate grouped by public keys.
@@ -51,6 +51,15 @@ pub struct QueryRequest {
     /// Clamping bounds per column, `[lower, upper]`, overriding the catalogue's.
     #[serde(default)]
     pub bounds: BTreeMap<String, [f64; 2]>,
+    /// For datasets whose privacy unit is a person: keep at most this many rows per person
+    /// (chosen at random), tighter than the catalogue's and the scenario's bound. Smaller
+    /// means less noise but more rows dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_unit: Option<u64>,
+    /// δ for mechanisms that need one (choosing group keys that are not public). Default:
+    /// none, and such queries are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
 }
 
 /// What the host answers to a [`QueryRequest`].
@@ -160,7 +169,7 @@ mod tests {
 
     #[test]
     fn requests_refuse_unknown_fields() {
-        let err = serde_json::from_str::<QueryRequest>(r#"{"sql":"x","epsilon":1,"delta":0}"#);
+        let err = serde_json::from_str::<QueryRequest>(r#"{"sql":"x","epsilon":1,"rho":0}"#);
         assert!(err.is_err());
     }
 }

@@ -57,7 +57,7 @@ impl Query {
             request: QueryRequest {
                 sql: sql.into(),
                 epsilon: 0.0,
-                bounds: Default::default(),
+                ..Default::default()
             },
         }
     }
@@ -72,6 +72,19 @@ impl Query {
     /// catalogue's public bounds for this query).
     pub fn bound(mut self, column: impl Into<String>, lower: f64, upper: f64) -> Self {
         self.request.bounds.insert(column.into(), [lower, upper]);
+        self
+    }
+
+    /// For person-level datasets: use at most `rows` rows of each person (picked at random),
+    /// tighter than the catalogue's bound, for less noise.
+    pub fn max_rows_per_unit(mut self, rows: u64) -> Self {
+        self.request.max_rows_per_unit = Some(rows);
+        self
+    }
+
+    /// δ for choosing group keys that are not public (DP partition selection).
+    pub fn delta(mut self, delta: f64) -> Self {
+        self.request.delta = Some(delta);
         self
     }
 

@@ -2,8 +2,8 @@
 //! the real gate (planning, ledger reservation and commit, DataFusion, OpenDP noise) and as the
 //! same aggregation in plain DataFusion with no gate, on any Parquet file with the trips
 //! columns. One JSON line per (question, mode), with the field names issue 7 fixes, so other
-//! tools can read them. Q2, Q4, Q5 and Q6 need gate features not built yet (contribution
-//! bounding, partition selection, wasm UDFs, sample-and-aggregate) and are refused by name.
+//! tools can read them. Q5 and Q6 need gate features not built yet (wasm UDFs,
+//! sample-and-aggregate) and are refused by name.
 
 pub mod http;
 
@@ -34,6 +34,10 @@ struct Question {
     plain_sql: &'static str,
     keys: usize,
     measures: &'static [&'static str],
+    /// Protect persons (`person_id`, at most this many rows each) instead of rows.
+    rows_per_person: Option<u64>,
+    /// δ for questions whose keys are not public.
+    delta: Option<f64>,
 }
 
 const CLAMPED: &str = "CASE WHEN fare < 0 THEN 0.0 WHEN fare > 100 THEN 100.0 ELSE fare END";
@@ -46,6 +50,19 @@ fn questions() -> Vec<Question> {
             plain_sql: "SELECT district, COUNT(*) AS trips, SUM(CLAMPED) AS fare_sum FROM trips GROUP BY district",
             keys: 1,
             measures: &["trips", "fare_sum"],
+            rows_per_person: None,
+            delta: None,
+        },
+        // Plain DataFusion has no person bound to apply: its line is Q1's exact aggregation,
+        // and the MAE counts the rows the bound drops as error.
+        Question {
+            id: "Q2",
+            gate_sql: "SELECT district, COUNT(*) AS trips, SUM(fare) AS fare_sum FROM trips GROUP BY district",
+            plain_sql: "SELECT district, COUNT(*) AS trips, SUM(CLAMPED) AS fare_sum FROM trips GROUP BY district",
+            keys: 1,
+            measures: &["trips", "fare_sum"],
+            rows_per_person: Some(10),
+            delta: None,
         },
         Question {
             id: "Q3",
@@ -53,6 +70,19 @@ fn questions() -> Vec<Question> {
             plain_sql: "SELECT district, hour, AVG(CLAMPED) AS mean_fare FROM trips GROUP BY district, hour",
             keys: 2,
             measures: &["mean_fare"],
+            rows_per_person: None,
+            delta: None,
+        },
+        // Cells are not public: the gate picks which to release (Laplace threshold, δ 1e-6).
+        // Plain DataFusion releases every cell; MAE is over the cells the gate released.
+        Question {
+            id: "Q4",
+            gate_sql: "SELECT cell, COUNT(*) AS trips FROM trips GROUP BY cell",
+            plain_sql: "SELECT cell, COUNT(*) AS trips FROM trips GROUP BY cell",
+            keys: 1,
+            measures: &["trips"],
+            rows_per_person: None,
+            delta: Some(1e-6),
         },
     ]
 }
@@ -127,11 +157,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         .with_context(|| format!("no file {}", opts.data.display()))?;
     let wanted: Vec<Question> = match opts.query.to_ascii_uppercase().as_str() {
         "ALL" => questions(),
-        q @ ("Q1" | "Q3") => questions().into_iter().filter(|x| x.id == q).collect(),
-        q @ ("Q2" | "Q4" | "Q5" | "Q6") => bail!(
-            "{q} needs gate features not built yet (Q2: per-person contribution bounding; Q4: private partition selection; Q5: wasm UDFs; Q6: sample-and-aggregate)"
-        ),
-        other => bail!("unknown question {other:?}: give Q1, Q3 or all"),
+        q @ ("Q1" | "Q2" | "Q3" | "Q4") => questions().into_iter().filter(|x| x.id == q).collect(),
+        q @ ("Q5" | "Q6") => {
+            bail!("{q} needs gate features not built yet (Q5: wasm UDFs; Q6: sample-and-aggregate)")
+        }
+        other => bail!("unknown question {other:?}: give Q1, Q2, Q3, Q4 or all"),
     };
     let runs = opts.runs.max(1);
     let rows =
@@ -140,9 +170,15 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 .file_metadata()
                 .num_rows()
         })?;
-    let gate = GateFixture::new(&data).await?;
+    let rows_gate = GateFixture::new(&data, None).await?;
+    let person_gate = GateFixture::new(&data, Some(10)).await?;
 
     for q in wanted {
+        let gate = if q.rows_per_person.is_some() {
+            &person_gate
+        } else {
+            &rows_gate
+        };
         // Plain DataFusion, default session: the ceiling.
         reset_peak_rss();
         let plain_sql = q.plain_sql.replace("CLAMPED", CLAMPED);
@@ -196,6 +232,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             sql: q.gate_sql.into(),
             epsilon: 1.0,
             bounds: [("fare".to_string(), [0.0, 100.0])].into(),
+            max_rows_per_unit: q.rows_per_person,
+            delta: q.delta,
         };
         let mut with_load = Vec::new();
         let mut without_load = Vec::new();
@@ -303,13 +341,19 @@ struct GateFixture {
 }
 
 impl GateFixture {
-    async fn new(data: &Path) -> anyhow::Result<Self> {
+    /// `rows_per_person`: register the file with `person_id` as its privacy unit.
+    async fn new(data: &Path, rows_per_person: Option<u64>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
         let ledger = std::sync::Arc::new(Ledger::open(store.clone(), dir.path())?);
         let mut policy = DatasetPolicy::parse("policies/trips.toml", crate::demo::TRIPS_POLICY)?;
         policy.path = data.to_path_buf();
         policy.total_epsilon = 1e9;
+        policy.total_delta = 1e-4;
+        if let Some(k) = rows_per_person {
+            policy.privacy_unit = "person_id".into();
+            policy.max_rows_per_unit = Some(k);
+        }
         crate::catalog::register(&store, dir.path(), "bench", &policy)?;
         let (dev, _) = crate::principal::create(
             &store,
@@ -324,7 +368,12 @@ impl GateFixture {
             purpose: "benchmark".into(),
             columns: [(
                 "trips".to_string(),
-                vec!["district".into(), "hour".into(), "fare".into()],
+                vec![
+                    "district".into(),
+                    "hour".into(),
+                    "cell".into(),
+                    "fare".into(),
+                ],
             )]
             .into(),
             modules: vec!["0".repeat(64)],
@@ -334,6 +383,8 @@ impl GateFixture {
             requires_review: false,
             valid_from: None,
             valid_until: None,
+            max_rows_per_unit: None,
+            delta: crate::scenario::MAX_DELTA,
         };
         let s = crate::scenario::apply(&store, &dev.id, app)?;
         let scenario =

@@ -78,8 +78,17 @@ pub struct DatasetPolicy {
     pub table: String,
     /// `"row"` or the column that identifies a person.
     pub privacy_unit: String,
+    /// For a person unit: the most rows of one person any query uses (chosen at random when a
+    /// person has more). Scenarios and queries may only lower it. Required for a person unit,
+    /// absent for `"row"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_unit: Option<u64>,
     /// Total ε the dataset may ever spend across all scenarios.
     pub total_epsilon: f64,
+    /// Total δ the dataset may ever spend across all scenarios, on releases whose group keys
+    /// are not public (DP partition selection). Default 0: such releases are refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub total_delta: f64,
     /// The most ε one developer may spend on this dataset across all their scenarios
     /// (default: the total).
     #[serde(default)]
@@ -117,6 +126,13 @@ fn is_identifier(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The largest per-person row bound a catalogue may set: beyond it the noise drowns any answer.
+pub const MAX_ROWS_PER_UNIT: u64 = 100_000;
+
 impl DatasetPolicy {
     /// Parses and checks a policy file's text; errors name the file, the field and the problem.
     pub fn parse(file: &str, text: &str) -> Result<Self, CatalogError> {
@@ -147,6 +163,14 @@ impl DatasetPolicy {
                 "field `total_epsilon`: must be a positive number".into()
             ));
         }
+        if !(policy.total_delta.is_finite()
+            && (0.0..=crate::scenario::MAX_DELTA).contains(&policy.total_delta))
+        {
+            return Err(bad(format!(
+                "field `total_delta`: must be between 0 and {:e}",
+                crate::scenario::MAX_DELTA
+            )));
+        }
         if policy
             .developer_epsilon
             .is_some_and(|d| !(d.is_finite() && d > 0.0))
@@ -160,6 +184,31 @@ impl DatasetPolicy {
                 "field `privacy_unit`: {:?} is neither \"row\" nor a declared column",
                 policy.privacy_unit
             )));
+        }
+        match (policy.privacy_unit.as_str(), policy.max_rows_per_unit) {
+            ("row", None) => {}
+            ("row", Some(_)) => {
+                return Err(bad(
+                    "field `max_rows_per_unit`: only for a person unit; with \"row\" each row is its own unit".into(),
+                ));
+            }
+            (unit, None) => {
+                return Err(bad(format!(
+                    "field `max_rows_per_unit`: required with privacy_unit {unit:?} (the most rows of one person a query may use, e.g. 10)"
+                )));
+            }
+            (unit, Some(k)) => {
+                if !(1..=MAX_ROWS_PER_UNIT).contains(&k) {
+                    return Err(bad(format!(
+                        "field `max_rows_per_unit`: must be 1 to {MAX_ROWS_PER_UNIT}"
+                    )));
+                }
+                if policy.columns[unit].ty == ColumnType::Float64 {
+                    return Err(bad(format!(
+                        "field `privacy_unit`: {unit:?} is a float column; a person is identified by an integer or a string"
+                    )));
+                }
+            }
         }
         for (name, column) in &policy.columns {
             if !is_identifier(name) {
@@ -535,6 +584,19 @@ public_keys = ["a", "b"]
     }
 
     #[test]
+    fn a_person_unit_with_its_row_bound_parses() {
+        let text = GOOD.replace(
+            "privacy_unit = \"row\"",
+            "privacy_unit = \"k\"\nmax_rows_per_unit = 10",
+        );
+        let p = DatasetPolicy::parse("good.toml", &text).unwrap();
+        assert_eq!(
+            (p.privacy_unit.as_str(), p.max_rows_per_unit),
+            ("k", Some(10))
+        );
+    }
+
+    #[test]
     fn bad_policies_name_file_and_field() {
         let cases = [
             (
@@ -552,6 +614,25 @@ public_keys = ["a", "b"]
             (
                 GOOD.replace("privacy_unit = \"row\"", "privacy_unit = \"person\""),
                 "privacy_unit",
+            ),
+            // A person unit needs its row bound, within range; a row unit takes none.
+            (
+                GOOD.replace("privacy_unit = \"row\"", "privacy_unit = \"k\""),
+                "max_rows_per_unit",
+            ),
+            (
+                GOOD.replace(
+                    "privacy_unit = \"row\"",
+                    "privacy_unit = \"k\"\nmax_rows_per_unit = 0",
+                ),
+                "max_rows_per_unit",
+            ),
+            (
+                GOOD.replace(
+                    "privacy_unit = \"row\"",
+                    "privacy_unit = \"row\"\nmax_rows_per_unit = 3",
+                ),
+                "max_rows_per_unit",
             ),
         ];
         for (text, field) in cases {

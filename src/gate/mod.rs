@@ -6,13 +6,15 @@
 //! privacy maps; debit the ledger durably; only then compute exact aggregates with DataFusion,
 //! add OpenDP noise, suppress groups under the minimum size, and build the [`Release`].
 //!
-//! Privacy unit: the row. Datasets whose unit is a person column are refused until contribution
-//! bounding is built.
+//! Privacy unit: the row, or a person column named in the catalogue. For a person unit the gate
+//! first keeps at most *k* random rows of each person (`bound.rs`), and every stability map is
+//! asked for a change of *k* rows.
 //!
 //! Open attributes: `closed` datasets answer nothing; `conditional` ones answer only as above;
 //! `unconditional` (openly publishable) ones answer the same query shapes exactly, without
 //! noise or minimum group size, at ε = 0 — still recorded in the ledger as a use.
 
+mod bound;
 mod fixed_point;
 mod plan;
 
@@ -23,10 +25,12 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Int64Type};
 use opendp::core::{Measurement, Transformation};
-use opendp::domains::{AtomDomain, VectorDomain};
-use opendp::measurements::make_laplace;
-use opendp::measures::MaxDivergence;
-use opendp::metrics::{AbsoluteDistance, L1Distance, SymmetricDistance};
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{make_laplace, make_laplace_threshold};
+use opendp::measures::{Approximate, MaxDivergence};
+use opendp::metrics::{
+    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, SymmetricDistance,
+};
 use unseen_guest::contract::{
     ColumnKind, QueryError, QueryRequest, Release, ReleasedColumn, Value,
 };
@@ -70,6 +74,12 @@ impl GateError {
                 "scenario_not_approved",
                 format!(
                     "no approval grants this scenario the dataset {dataset:?}; nothing was released or spent"
+                ),
+            ),
+            GateError::Ledger(LedgerError::DeltaOverspend { level, asked, left }) => (
+                "budget_exceeded",
+                format!(
+                    "this query needs δ {asked:e} but only {left:e} is left at the {level} level; nothing was released or spent"
                 ),
             ),
             GateError::Ledger(LedgerError::Overspend { level, asked, left }) => (
@@ -199,10 +209,16 @@ impl Gate {
             if policy.open_attribute == OpenAttribute::Closed {
                 return Err(closed(dataset_id));
             }
+            // The gate needs the person column to bound contributions, whether or not the
+            // scenario lets the guest name it (filtering on it would be harmless).
+            let mut columns = columns.clone();
+            if policy.privacy_unit != "row" && !columns.contains(&policy.privacy_unit) {
+                columns.push(policy.privacy_unit.clone());
+            }
             specs.push(TableSpec {
                 table: policy.table.clone(),
                 path: policy.data_path(&self.data_dir),
-                columns: columns.clone(),
+                columns,
                 in_memory,
             });
             datasets.insert(policy.table.clone(), policy);
@@ -222,8 +238,10 @@ impl Gate {
     /// (except `query_failed`, where the debit was already durable and stays).
     ///
     /// # Privacy
-    /// ε-DP with the row as the privacy unit, for ε = the sum of the measurements' losses
-    /// from OpenDP's privacy maps, provided (a) each row falls in exactly one group, which holds
+    /// ε-DP with the dataset's privacy unit, for ε = the sum of the measurements' losses
+    /// from OpenDP's privacy maps at `d_in` = the rows one unit can change (1, or the bound *k*
+    /// that the plan enforces per person before aggregating), provided (a) each row falls in
+    /// exactly one group, which holds
     /// because groups are `GROUP BY` keys; (b) every summed value is clamped and rounded to a
     /// fixed-point integer inside the bounds given to OpenDP's `make_sum`, which the plan built
     /// here does; (c) integer sums cannot overflow: fixed-point scales keep |value| · 2³² < 2⁶²
@@ -279,16 +297,57 @@ impl Gate {
 
         // Price every measurement before touching data.
         let per_measure = request.epsilon / shape.measures.len() as f64;
+        let private = shape.private_keys() && !exact;
+        let threshold = if private {
+            let delta = request.delta.ok_or_else(|| {
+                GateError::refused(
+                    "key_not_public",
+                    "the groups' keys are not public: give \"delta\" (e.g. 1e-6) to choose them by DP partition selection",
+                )
+            })?;
+            if !(delta.is_finite() && delta > 0.0 && delta <= crate::scenario::MAX_DELTA) {
+                return Err(GateError::refused(
+                    "invalid_delta",
+                    format!(
+                        "delta must be above 0 and at most {:e}",
+                        crate::scenario::MAX_DELTA
+                    ),
+                ));
+            }
+            let min_group = grant
+                .scenario
+                .min_group_size
+                .unwrap_or(0)
+                .max(policy.min_group_size);
+            Some(calibrate_threshold(
+                per_measure,
+                delta,
+                shape.rows_per_unit(),
+                min_group,
+            )?)
+        } else {
+            None
+        };
         let calibrated = if exact {
             Vec::new()
         } else {
             shape
                 .measures
                 .iter()
-                .map(|m| calibrate(m, per_measure))
+                .enumerate()
+                .map(|(i, m)| {
+                    // With private keys the row count is released by the threshold mechanism.
+                    if i == 0 && private {
+                        Ok(None)
+                    } else {
+                        calibrate(m, per_measure, shape.rows_per_unit()).map(Some)
+                    }
+                })
                 .collect::<Result<Vec<_>, _>>()?
         };
-        let epsilon: f64 = calibrated.iter().map(|c| c.epsilon).sum();
+        let epsilon: f64 = calibrated.iter().flatten().map(|c| c.epsilon).sum::<f64>()
+            + threshold.as_ref().map_or(0.0, |t| t.epsilon);
+        let delta = threshold.as_ref().map_or(0.0, |t| t.delta);
 
         let scenario = &grant.scenario;
         let reservation = self.ledger.reserve(&Reservation {
@@ -297,22 +356,46 @@ impl Gate {
             dataset_id: &policy.id,
             developer_id: &grant.developer_id,
             epsilon,
+            delta,
             mechanism: format!(
-                "{}:{}",
-                if exact { "exact" } else { "laplace" },
+                "{}:{}{}",
+                if exact {
+                    "exact"
+                } else if private {
+                    "laplace-threshold"
+                } else {
+                    "laplace"
+                },
                 shape
                     .measures
                     .iter()
                     .map(MeasureSpec::label)
                     .collect::<Vec<_>>()
-                    .join(",")
+                    .join(","),
+                shape.unit.as_ref().map_or(String::new(), |u| format!(
+                    ";≤{} rows per {}",
+                    u.max_rows, u.column
+                )) + &threshold.as_ref().map_or(String::new(), |t| format!(
+                    ";keys by noisy count ≥ {}",
+                    t.threshold
+                ))
             ),
             mode: "query",
         })?;
 
         // The reservation is durable: now, and only now, the data is read.
         match self
-            .produce(grant, &shape, &calibrated, epsilon, reservation.body.seq)
+            .produce(
+                grant,
+                &shape,
+                &Pricing {
+                    exact,
+                    calibrated,
+                    threshold,
+                    epsilon,
+                },
+                reservation.body.seq,
+            )
             .await
         {
             Ok(release) => {
@@ -342,73 +425,130 @@ impl Gate {
         &self,
         grant: &JobGrant,
         shape: &QueryShape,
-        calibrated: &[Calibrated],
-        epsilon: f64,
+        pricing: &Pricing,
         reservation: u64,
     ) -> Result<Release, GateError> {
         let policy = &grant.datasets[&shape.table];
         let scenario = &grant.scenario;
-        let exact = grant.session.execute(shape.aggregate_plan()?).await?;
-        let keys = shape.key_product();
-        let index: HashMap<Vec<String>, usize> = keys
+        // Person-level data: pass 1 counts each person's rows, pass 2 (inside the aggregate
+        // plan) keeps a random k of them.
+        let selection = match (shape.unit_count_plan()?, &shape.unit) {
+            (Some(count_plan), Some(unit)) => {
+                let counts = grant.session.execute(count_plan).await?;
+                Some(bound::selection(unit, &counts.0)?)
+            }
+            _ => None,
+        };
+        let exact = grant
+            .session
+            .execute(shape.aggregate_plan(selection.as_ref())?)
+            .await?;
+        let failed = || {
+            GateError::refused(
+                "query_failed",
+                "the query failed while running; its budget stays spent",
+            )
+        };
+
+        // The groups to release, each with its exact measures. Public keys: every combination,
+        // in catalogue order, empty groups included, and nothing else. Private keys: the groups
+        // the data has, which partition selection below thins out.
+        let public = !shape.private_keys();
+        let mut keys: Vec<Vec<Value>> = shape
+            .key_product()
+            .iter()
+            .map(|k| k.iter().map(key_value).collect())
+            .collect();
+        let mut index: HashMap<Vec<String>, usize> = shape
+            .key_product()
             .iter()
             .enumerate()
             .map(|(i, k)| (k.iter().map(key_text).collect(), i))
             .collect();
         let mut exact_values = vec![vec![0i64; keys.len()]; shape.measures.len()];
         for batch in &exact.0 {
-            let key_columns = (0..shape.groups.len())
+            let key_text_columns = (0..shape.groups.len())
                 .map(|g| arrow::compute::cast(batch.column(g), &DataType::Utf8))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    GateError::refused(
-                        "query_failed",
-                        "the query failed while running; its budget stays spent",
-                    )
-                })?;
+                .map_err(|_| failed())?;
             let measure_columns = (0..shape.measures.len())
                 .map(|m| {
                     arrow::compute::cast(batch.column(shape.groups.len() + m), &DataType::Int64)
                 })
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    GateError::refused(
-                        "query_failed",
-                        "the query failed while running; its budget stays spent",
-                    )
-                })?;
+                .map_err(|_| failed())?;
             'rows: for row in 0..batch.num_rows() {
-                let mut key = Vec::with_capacity(key_columns.len());
-                for c in &key_columns {
+                let mut key = Vec::with_capacity(key_text_columns.len());
+                for c in &key_text_columns {
                     if c.is_null(row) {
-                        continue 'rows; // a null key is not a public key: dropped
+                        continue 'rows; // a null key is not a key: dropped
                     }
                     key.push(c.as_string::<i32>().value(row).to_string());
                 }
-                // Groups outside the public key set are dropped, never released.
-                if let Some(&slot) = index.get(&key) {
-                    for (m, col) in measure_columns.iter().enumerate() {
-                        let col = col.as_primitive::<Int64Type>();
-                        exact_values[m][slot] = if col.is_null(row) { 0 } else { col.value(row) };
+                let slot = match index.get(&key) {
+                    Some(&slot) => slot,
+                    // Groups outside the public key set are dropped, never released.
+                    None if public => continue,
+                    None => {
+                        let typed = (0..shape.groups.len())
+                            .map(|g| typed_key(batch.column(g), &key[g]))
+                            .collect();
+                        keys.push(typed);
+                        for m in &mut exact_values {
+                            m.push(0);
+                        }
+                        index.insert(key, keys.len() - 1);
+                        keys.len() - 1
                     }
+                };
+                for (m, col) in measure_columns.iter().enumerate() {
+                    let col = col.as_primitive::<Int64Type>();
+                    exact_values[m][slot] = if col.is_null(row) { 0 } else { col.value(row) };
                 }
             }
         }
         drop(exact);
 
-        // Unconditional data (no calibrations): released as computed.
-        let exact = calibrated.is_empty();
-        let noisy: Vec<Vec<i64>> = if exact {
-            exact_values
+        let (keys, noisy): (Vec<Vec<Value>>, Vec<Vec<i64>>) = if pricing.exact {
+            // Unconditional data: released as computed.
+            (keys, exact_values)
+        } else if let Some(threshold) = &pricing.threshold {
+            // Partition selection: noisy unit counts, and only the groups whose noisy count
+            // clears the threshold (which is at least the minimum group size).
+            let by_text: Vec<String> = index_order(&index, keys.len());
+            let counts: HashMap<String, i64> = by_text
+                .iter()
+                .cloned()
+                .zip(exact_values[0].iter().copied())
+                .collect();
+            let chosen = threshold.measurement.invoke(&counts)?;
+            let mut slots: Vec<usize> = (0..keys.len())
+                .filter(|g| chosen.contains_key(&by_text[*g]))
+                .collect();
+            slots.sort_by(|a, b| by_text[*a].cmp(&by_text[*b]));
+            let mut noisy = vec![slots.iter().map(|g| chosen[&by_text[*g]]).collect()];
+            for (m, c) in pricing.calibrated.iter().enumerate().skip(1) {
+                let c = c.as_ref().ok_or_else(failed)?;
+                let values: Vec<i64> = slots.iter().map(|g| exact_values[m][*g]).collect();
+                noisy.push(c.measurement.invoke(&values)?);
+            }
+            let keys = slots.iter().map(|g| keys[*g].clone()).collect();
+            (keys, noisy)
         } else {
-            calibrated
+            let noisy = pricing
+                .calibrated
                 .iter()
                 .zip(exact_values)
-                .map(|(c, v)| c.measurement.invoke(&v))
-                .collect::<Result<_, _>>()?
+                .map(|(c, v)| {
+                    c.as_ref()
+                        .ok_or_else(failed)
+                        .and_then(|c| Ok(c.measurement.invoke(&v)?))
+                })
+                .collect::<Result<_, GateError>>()?;
+            (keys, noisy)
         };
 
-        let min_group = if exact {
+        let min_group = if pricing.exact || pricing.threshold.is_some() {
             0.0
         } else {
             scenario
@@ -428,7 +568,7 @@ impl Gate {
                     .outputs
                     .iter()
                     .map(|o| match o {
-                        OutputSpec::Key { group, .. } => key_value(&key[*group]),
+                        OutputSpec::Key { group, .. } => key[*group].clone(),
                         _ if hide => Value::Null,
                         OutputSpec::Measure { measure, kind, .. } => {
                             let spec = &shape.measures[*measure];
@@ -463,9 +603,11 @@ impl Gate {
                     measure,
                     kind,
                 } => {
-                    let scale = calibrated
-                        .get(*measure)
-                        .map_or(0.0, |c| c.scale / shape.measures[*measure].fixed_point());
+                    let scale = match (pricing.calibrated.get(*measure), &pricing.threshold) {
+                        (Some(Some(c)), _) => c.scale / shape.measures[*measure].fixed_point(),
+                        (Some(None), Some(t)) => t.scale,
+                        _ => 0.0,
+                    };
                     ReleasedColumn {
                         name: name.clone(),
                         kind: *kind,
@@ -480,10 +622,42 @@ impl Gate {
         Ok(Release {
             columns,
             rows,
-            epsilon,
+            epsilon: pricing.epsilon,
             ledger_entry: reservation,
             suppressed_groups: suppressed,
         })
+    }
+}
+
+/// What a query costs and how its noise is drawn, fixed before any data is read.
+struct Pricing {
+    /// Unconditional data: no noise at all.
+    exact: bool,
+    /// Per measurement; `None` for the row count when `threshold` releases it.
+    calibrated: Vec<Option<Calibrated>>,
+    /// Partition selection, when the group keys are not public.
+    threshold: Option<Threshold>,
+    epsilon: f64,
+}
+
+/// The text key of each group slot, in slot order.
+fn index_order(index: &HashMap<Vec<String>, usize>, len: usize) -> Vec<String> {
+    let mut out = vec![String::new(); len];
+    for (key, slot) in index {
+        // JSON keeps keys with separators in them apart.
+        out[*slot] = serde_json::to_string(key).unwrap_or_default();
+    }
+    out
+}
+
+/// A private group key as released: an integer column's value as an integer, else text.
+fn typed_key(column: &arrow::array::ArrayRef, text: &str) -> Value {
+    if column.data_type().is_integer() {
+        text.parse()
+            .map(Value::Int)
+            .unwrap_or(Value::Text(text.into()))
+    } else {
+        Value::Text(text.into())
     }
 }
 
@@ -510,7 +684,16 @@ fn key_value(k: &KeyValue) -> Value {
 
 /// Sensitivity from OpenDP's stability map for the sum or count we run, then the Laplace
 /// scale that spends at most `epsilon` by OpenDP's privacy map.
-fn calibrate(spec: &MeasureSpec, epsilon: f64) -> Result<Calibrated, GateError> {
+///
+/// `rows_per_unit` is how many rows one privacy unit can change after contribution bounding
+/// (1 for row-level data): the symmetric distance fed to the stability map.
+fn calibrate(
+    spec: &MeasureSpec,
+    epsilon: f64,
+    rows_per_unit: u64,
+) -> Result<Calibrated, GateError> {
+    let rows = u32::try_from(rows_per_unit)
+        .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
     let d_in: i64 = match spec {
         MeasureSpec::Rows | MeasureSpec::NonNull { .. } => {
             let t: Transformation<_, SymmetricDistance, AtomDomain<i64>, AbsoluteDistance<i64>> =
@@ -518,7 +701,7 @@ fn calibrate(spec: &MeasureSpec, epsilon: f64) -> Result<Calibrated, GateError> 
                     VectorDomain::new(AtomDomain::default()),
                     SymmetricDistance,
                 )?;
-            t.map(&1)?
+            t.map(&rows)?
         }
         MeasureSpec::ClampedSum { .. } => {
             let (lo, hi) = spec.fixed_point_bounds();
@@ -526,7 +709,7 @@ fn calibrate(spec: &MeasureSpec, epsilon: f64) -> Result<Calibrated, GateError> 
                 VectorDomain::new(AtomDomain::new_closed((lo, hi))?),
                 SymmetricDistance,
             )?;
-            t.map(&1)?
+            t.map(&rows)?
         }
     };
     let mut scale = (d_in as f64 / epsilon).max(f64::MIN_POSITIVE);
@@ -552,6 +735,92 @@ fn calibrate(spec: &MeasureSpec, epsilon: f64) -> Result<Calibrated, GateError> 
     ))
 }
 
+type ThresholdMeasurement = Measurement<
+    MapDomain<AtomDomain<String>, AtomDomain<i64>>,
+    L01InfDistance<AbsoluteDistance<i64>>,
+    Approximate<MaxDivergence>,
+    HashMap<String, i64>,
+>;
+
+/// DP partition selection: OpenDP's Laplace threshold mechanism over the exact row counts of
+/// the groups the data has.
+struct Threshold {
+    measurement: ThresholdMeasurement,
+    scale: f64,
+    threshold: i64,
+    epsilon: f64,
+    delta: f64,
+}
+
+/// The Laplace scale that spends at most `epsilon` and the smallest threshold (never below the
+/// minimum group size) that spends at most `delta`, both by OpenDP's privacy map of the
+/// threshold mechanism at `d_in` = (groups one unit can touch, rows it can add in all, rows it
+/// can add to one group) = (k, k, k) after contribution bounding.
+fn calibrate_threshold(
+    epsilon: f64,
+    delta: f64,
+    rows_per_unit: u64,
+    min_group: u64,
+) -> Result<Threshold, GateError> {
+    let k = u32::try_from(rows_per_unit)
+        .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
+    let d_in = (k, i64::from(k), i64::from(k));
+    let make = |scale: f64, threshold: i64| {
+        make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+            MapDomain::new(
+                AtomDomain::<String>::default(),
+                AtomDomain::<i64>::default(),
+            ),
+            L0PInfDistance(AbsoluteDistance::<i64>::default()),
+            scale,
+            threshold,
+            None,
+        )
+    };
+    const HIGHEST: i64 = 1 << 40;
+    let mut scale = (f64::from(k) / epsilon).max(f64::MIN_POSITIVE);
+    let mut fitted = None;
+    for _ in 0..16 {
+        if make(scale, HIGHEST)?.map(&d_in)?.0 <= epsilon {
+            fitted = Some(scale);
+            break;
+        }
+        scale *= 1.0 + 1e-9;
+    }
+    let scale = fitted.ok_or_else(|| {
+        GateError::Mechanism("could not fit the noise scale under the requested ε".into())
+    })?;
+    let spends = |t: i64| -> Result<bool, GateError> { Ok(make(scale, t)?.map(&d_in)?.1 <= delta) };
+    let (mut lo, mut hi) = ((min_group as i64).max(1), HIGHEST);
+    if !spends(hi)? {
+        return Err(GateError::Mechanism(
+            "no threshold keeps δ under the requested value".into(),
+        ));
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if spends(mid)? {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let measurement = make(scale, lo)?;
+    let (spent_epsilon, spent_delta) = measurement.map(&d_in)?;
+    if spent_epsilon > epsilon || spent_delta > delta {
+        return Err(GateError::Mechanism(
+            "the threshold mechanism does not fit the requested ε and δ".into(),
+        ));
+    }
+    Ok(Threshold {
+        measurement,
+        scale,
+        threshold: lo,
+        epsilon: spent_epsilon,
+        delta: spent_delta,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,9 +828,48 @@ mod tests {
 
     #[test]
     fn counts_get_scale_one_over_epsilon_from_opendp() {
-        let c = calibrate(&MeasureSpec::Rows, 0.5).unwrap();
+        let c = calibrate(&MeasureSpec::Rows, 0.5, 1).unwrap();
         assert!((c.scale - 2.0).abs() < 1e-6, "{}", c.scale);
         assert!(c.epsilon <= 0.5 && c.epsilon > 0.4999, "{}", c.epsilon);
+    }
+
+    #[test]
+    fn partition_selection_thresholds_grow_with_smaller_delta_and_larger_k() {
+        let t6 = calibrate_threshold(0.5, 1e-6, 1, 0).unwrap();
+        let t9 = calibrate_threshold(0.5, 1e-9, 1, 0).unwrap();
+        let k10 = calibrate_threshold(0.5, 1e-6, 10, 0).unwrap();
+        assert!(
+            t6.epsilon <= 0.5 && t6.delta <= 1e-6,
+            "{} {}",
+            t6.epsilon,
+            t6.delta
+        );
+        assert!((t6.scale - 2.0).abs() < 1e-6);
+        // δ = P(noise > threshold − 1) ≈ ½·exp(−(t − 1)/b): t ≈ 1 + 2·ln(5·10⁵) ≈ 27.
+        assert!((20..40).contains(&t6.threshold), "{}", t6.threshold);
+        assert!(t9.threshold > t6.threshold);
+        assert!(k10.threshold > 5 * t6.threshold && (k10.scale - 20.0).abs() < 1e-5);
+        // The minimum group size is a floor.
+        assert_eq!(
+            calibrate_threshold(0.5, 1e-6, 1, 500).unwrap().threshold,
+            500
+        );
+        // Released groups are those whose noisy count clears the threshold.
+        let counts: HashMap<String, i64> =
+            [("big".to_string(), 10_000), ("tiny".to_string(), 1)].into();
+        let out = t6.measurement.invoke(&counts).unwrap();
+        assert!(
+            out.contains_key("big") && !out.contains_key("tiny"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_person_bound_of_k_rows_multiplies_the_noise_by_k() {
+        let one = calibrate(&MeasureSpec::Rows, 0.5, 1).unwrap();
+        let ten = calibrate(&MeasureSpec::Rows, 0.5, 10).unwrap();
+        assert!((ten.scale / one.scale - 10.0).abs() < 1e-6, "{}", ten.scale);
+        assert!(ten.epsilon <= 0.5);
     }
 
     #[test]
@@ -575,7 +883,7 @@ mod tests {
             shift: 0.0,
             fixed_point: fp,
         };
-        let c = calibrate(&spec, 0.5).unwrap();
+        let c = calibrate(&spec, 0.5, 1).unwrap();
         // 100 per row, in fixed-point units, over ε = 0.5.
         assert!((c.scale / fp - 200.0).abs() < 1e-3, "{}", c.scale / fp);
         assert!(c.epsilon <= 0.5);

@@ -11,6 +11,7 @@ use datafusion::logical_expr::{
 };
 use unseen_guest::contract::{ColumnKind, QueryRequest};
 
+use super::bound::UnitBound;
 use super::{GateError, JobGrant};
 use crate::catalog::{KeyValue, OpenAttribute};
 
@@ -20,7 +21,9 @@ const MAX_GROUPS: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct GroupSpec {
     pub column: String,
-    pub keys: Vec<KeyValue>,
+    /// The catalogue's public keys, or `None`: keys come from the data through DP partition
+    /// selection.
+    pub keys: Option<Vec<KeyValue>>,
     expr: Expr,
 }
 
@@ -153,6 +156,8 @@ pub enum OutputSpec {
 #[derive(Debug, Clone)]
 pub struct QueryShape {
     pub table: String,
+    /// For a person-level dataset: the unit column and the rows each person may contribute.
+    pub unit: Option<UnitBound>,
     pub groups: Vec<GroupSpec>,
     pub measures: Vec<MeasureSpec>,
     pub outputs: Vec<OutputSpec>,
@@ -161,27 +166,65 @@ pub struct QueryShape {
 
 impl QueryShape {
     /// GROUP BY the keys, one aggregate per measurement, over the query's own input.
-    pub fn aggregate_plan(&self) -> Result<LogicalPlan, GateError> {
+    ///
+    /// For a person-level dataset, `selection` is the per-person row selection built from
+    /// [`QueryShape::unit_count_plan`]'s output; the plan keeps only the rows it picks.
+    pub fn aggregate_plan(
+        &self,
+        selection: Option<&std::sync::Arc<super::bound::Selection>>,
+    ) -> Result<LogicalPlan, GateError> {
         let aggs = self
             .measures
             .iter()
             .enumerate()
             .map(|(i, m)| m.aggregate_expr(i))
             .collect::<Result<Vec<_>, _>>()?;
-        LogicalPlanBuilder::from(self.input.clone())
+        let input = match (&self.unit, selection) {
+            (Some(unit), Some(selection)) => {
+                super::bound::bound_contributions(&self.input, unit, selection)?
+            }
+            (None, None) => self.input.clone(),
+            _ => return Err(plan_error_text()),
+        };
+        LogicalPlanBuilder::from(input)
             .aggregate(self.groups.iter().map(|g| g.expr.clone()), aggs)
             .and_then(|b| b.build())
             .map_err(plan_error)
     }
 
-    /// Every combination of public keys, in catalogue order.
+    /// Pass 1 of contribution bounding (see `bound.rs`): each person's rows after the query's
+    /// filters. `None` for row-level data.
+    pub fn unit_count_plan(&self) -> Result<Option<LogicalPlan>, GateError> {
+        let Some(unit) = &self.unit else {
+            return Ok(None);
+        };
+        let source = super::bound::source(&self.input).ok_or_else(plan_error_text)?;
+        super::bound::count_plan(source, unit).map(Some)
+    }
+
+    /// How many rows one privacy unit can add or remove after bounding: the `d_in`, in
+    /// OpenDP's symmetric distance, of every measurement.
+    pub fn rows_per_unit(&self) -> u64 {
+        self.unit.as_ref().map_or(1, |u| u.max_rows)
+    }
+
+    /// Whether some group column has no public key set: then the released groups are chosen
+    /// by DP partition selection, for all columns together.
+    pub fn private_keys(&self) -> bool {
+        self.groups.iter().any(|g| g.keys.is_none())
+    }
+
+    /// Every combination of public keys, in catalogue order (empty if some keys are private).
     pub fn key_product(&self) -> Vec<Vec<KeyValue>> {
+        if self.private_keys() {
+            return Vec::new();
+        }
         let mut out: Vec<Vec<KeyValue>> = vec![vec![]];
         for g in &self.groups {
             out = out
                 .into_iter()
                 .flat_map(|prefix| {
-                    g.keys.iter().map(move |k| {
+                    g.keys.iter().flatten().map(move |k| {
                         let mut p = prefix.clone();
                         p.push(k.clone());
                         p
@@ -194,6 +237,10 @@ impl QueryShape {
 }
 
 fn plan_error(_: datafusion::error::DataFusionError) -> GateError {
+    plan_error_text()
+}
+
+fn plan_error_text() -> GateError {
     GateError::refused(
         "internal",
         "the gate could not build the aggregate for this query",
@@ -241,15 +288,7 @@ pub fn analyse(
             format!("dataset {:?} is closed (不予开放)", policy.id),
         ));
     }
-    if policy.privacy_unit != "row" {
-        return Err(refuse(
-            "privacy_unit_unsupported",
-            format!(
-                "dataset {:?} protects each {:?}; bounding a person's contribution is not built yet, so only row-level datasets can be queried",
-                policy.id, policy.privacy_unit
-            ),
-        ));
-    }
+    let unit = unit_bound(policy, grant, request)?;
 
     let mut groups = Vec::new();
     for g in group_expr {
@@ -262,16 +301,16 @@ pub fn analyse(
         let keys = policy
             .columns
             .get(&c.name)
-            .and_then(|p| p.public_keys.clone())
-            .ok_or_else(|| {
-                refuse(
-                    "key_not_public",
-                    format!(
-                        "{:?} has no public key set in the catalogue, so its groups cannot be released (private partition selection is not built yet)",
-                        c.name
-                    ),
-                )
-            })?;
+            .and_then(|p| p.public_keys.clone());
+        if keys.is_none() && request.delta.is_none() {
+            return Err(refuse(
+                "key_not_public",
+                format!(
+                    "{:?} has no public key set in the catalogue, so which of its groups exist is private: give \"delta\" (e.g. 1e-6) to have the gate choose them by DP partition selection (groups with few units are left out), or group by a column with public keys",
+                    c.name
+                ),
+            ));
+        }
         groups.push(GroupSpec {
             column: c.name.clone(),
             keys,
@@ -280,7 +319,7 @@ pub fn analyse(
     }
     let n_groups: usize = groups
         .iter()
-        .map(|g| g.keys.len())
+        .map(|g| g.keys.as_ref().map_or(1, Vec::len))
         .try_fold(1usize, |acc, n| acc.checked_mul(n))
         .unwrap_or(usize::MAX);
     if n_groups > MAX_GROUPS {
@@ -409,11 +448,58 @@ pub fn analyse(
 
     Ok(QueryShape {
         table,
+        unit,
         groups,
         measures,
         outputs,
         input: input.as_ref().clone(),
     })
+}
+
+/// The contribution bound for a person-level dataset: the catalogue's, lowered by the scenario
+/// and the query (which may not raise it).
+fn unit_bound(
+    policy: &crate::catalog::DatasetPolicy,
+    grant: &JobGrant,
+    request: &QueryRequest,
+) -> Result<Option<UnitBound>, GateError> {
+    if policy.privacy_unit == "row" {
+        if request.max_rows_per_unit.is_some() {
+            return Err(refuse(
+                "invalid_row_bound",
+                format!(
+                    "dataset {:?} protects each row, so there is no per-person row bound to set; drop max_rows_per_unit",
+                    policy.id
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let mut k = policy.max_rows_per_unit.ok_or_else(|| {
+        refuse(
+            "internal",
+            "the catalogue entry has no per-person row bound",
+        )
+    })?;
+    if let Some(s) = grant.scenario.application.max_rows_per_unit {
+        k = k.min(s.max(1));
+    }
+    if let Some(q) = request.max_rows_per_unit {
+        if q == 0 || q > k {
+            return Err(refuse(
+                "invalid_row_bound",
+                format!(
+                    "max_rows_per_unit {q}: must be 1 to {k}, the bound the catalogue and the scenario allow for {:?}",
+                    policy.privacy_unit
+                ),
+            ));
+        }
+        k = q;
+    }
+    Ok(Some(UnitBound {
+        column: policy.privacy_unit.clone(),
+        max_rows: k,
+    }))
 }
 
 fn unalias(e: &Expr) -> &Expr {

@@ -17,6 +17,8 @@ fn unlimited_grant() -> Event {
         per_job_epsilon: 1e12,
         dataset_total: 1e12,
         developer_epsilon: 1e12,
+        delta: 0.0,
+        dataset_delta: 0.0,
     }
 }
 
@@ -41,6 +43,7 @@ pub fn durable_debits(clients: usize, debits: usize) -> anyhow::Result<()> {
                         dataset_id: "trips",
                         developer_id: "dev",
                         epsilon: 0.001,
+                        delta: 0.0,
                         mechanism: "laplace:count".into(),
                         mode: "query",
                     };
@@ -80,6 +83,7 @@ pub fn verify_entries(n: u64) -> anyhow::Result<()> {
                 dataset_id: "trips".into(),
                 developer_id: "dev".into(),
                 epsilon: 0.001,
+                delta: 0.0,
                 mechanism: "laplace:count".into(),
                 mode: "query".into(),
             }

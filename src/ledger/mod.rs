@@ -47,6 +47,12 @@ pub enum Event {
         dataset_total: f64,
         /// The most this developer may spend on this dataset across all scenarios.
         developer_epsilon: f64,
+        /// δ the scenario may spend on this dataset (absent: 0, pure ε-DP releases only).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        delta: f64,
+        /// δ the dataset may spend across all scenarios (absent: 0).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dataset_delta: f64,
     },
     /// ε charged before any data is read, whether or not a release follows.
     Reserve {
@@ -55,6 +61,9 @@ pub enum Event {
         dataset_id: String,
         developer_id: String,
         epsilon: f64,
+        /// δ charged with it (absent: 0).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        delta: f64,
         /// What is released, e.g. `laplace:count,sum(fare in [0, 100])`.
         mechanism: String,
         /// How guest code ran for this release (`query`: no guest code over rows).
@@ -67,6 +76,28 @@ pub enum Event {
         released: bool,
         note: String,
     },
+}
+
+/// The nearest double to a 6-significant-digit decimal that is at least `x`. δ values from
+/// OpenDP's maps have 17 digits, and serde_json's default parser may read such a number back
+/// one unit in the last place off, which would break the entry's hash on verification; a short
+/// decimal parses exactly. Rounding up charges at most 10⁻⁵ of δ more than was spent.
+fn short_decimal_at_least(x: f64) -> f64 {
+    if !(x.is_finite() && x > 0.0) {
+        return x;
+    }
+    let nearest: f64 = format!("{x:.5e}").parse().unwrap_or(x);
+    if nearest >= x {
+        nearest
+    } else {
+        format!("{:.5e}", x * (1.0 + 1e-5)).parse().unwrap_or(x)
+    }
+}
+
+/// Zero fields are left out of an entry's body, so entries written before δ existed keep their
+/// exact bytes and hashes.
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The columns stored beside each entry's signed body, for cap checks and filters. Writing
@@ -209,6 +240,12 @@ pub enum LedgerError {
         asked: f64,
         left: f64,
     },
+    #[error("this would spend δ {asked:e} with only {left:e} left at the {level} level")]
+    DeltaOverspend {
+        level: &'static str,
+        asked: f64,
+        left: f64,
+    },
     #[error("no approval grants this scenario the dataset {0:?}")]
     NoGrant(String),
     #[error("{0}")]
@@ -273,6 +310,7 @@ pub struct Reservation<'a> {
     pub dataset_id: &'a str,
     pub developer_id: &'a str,
     pub epsilon: f64,
+    pub delta: f64,
     pub mechanism: String,
     pub mode: &'static str,
 }
@@ -284,6 +322,42 @@ pub struct Caps {
     pub per_job: f64,
     pub dataset_total: f64,
     pub developer: f64,
+    pub scenario_delta: f64,
+    pub dataset_delta: f64,
+}
+
+/// The δ totals a reservation is checked against: scenario (within the dataset), dataset.
+fn delta_keys(scenario: &str, dataset: &str) -> [(&'static str, String); 2] {
+    [
+        ("scenario_delta", format!("{scenario}\u{1f}{dataset}")),
+        ("dataset_delta", dataset.to_string()),
+    ]
+}
+
+/// δ is checked with a relative slack only, as δ values are tiny.
+fn check_delta(caps: &Caps, spent: [f64; 2], delta: f64) -> Result<(), LedgerError> {
+    if !(delta.is_finite() && delta >= 0.0) {
+        return Err(LedgerError::Invalid(
+            "δ must be a non-negative number".into(),
+        ));
+    }
+    if delta == 0.0 {
+        return Ok(());
+    }
+    for ((level, spent), cap) in ["scenario", "dataset"]
+        .into_iter()
+        .zip(spent)
+        .zip([caps.scenario_delta, caps.dataset_delta])
+    {
+        if spent + delta > cap * (1.0 + 1e-9) {
+            return Err(LedgerError::DeltaOverspend {
+                level,
+                asked: delta,
+                left: (cap - spent).max(0.0),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The running totals a reservation is checked against: one rule, used by the server (over
@@ -442,14 +516,24 @@ impl Ledger {
                 dataset_id,
                 developer_id,
                 epsilon,
+                delta,
                 ..
             } = &entry.body.event
             {
-                for (level, key) in total_keys(job_id, scenario_id, developer_id, dataset_id) {
+                let totals = total_keys(job_id, scenario_id, developer_id, dataset_id)
+                    .into_iter()
+                    .map(|k| (k, *epsilon))
+                    .chain(
+                        delta_keys(scenario_id, dataset_id)
+                            .into_iter()
+                            .map(|k| (k, *delta))
+                            .filter(|(_, d)| *d > 0.0),
+                    );
+                for ((level, key), amount) in totals {
                     tx.execute(
                         "INSERT INTO budget_totals (level, key, spent) VALUES (?1, ?2, ?3)
                          ON CONFLICT (level, key) DO UPDATE SET spent = spent + excluded.spent",
-                        params![level, key, epsilon],
+                        params![level, key, amount],
                     )?;
                 }
             }
@@ -500,12 +584,16 @@ impl Ledger {
                 per_job_epsilon,
                 dataset_total,
                 developer_epsilon,
+                delta,
+                dataset_delta,
                 ..
             } => Ok(Some(Caps {
                 scenario: epsilon,
                 per_job: per_job_epsilon,
                 dataset_total,
                 developer: developer_epsilon,
+                scenario_delta: delta,
+                dataset_delta,
             })),
             _ => Err(StoreError::Corrupt("a grant row holds another kind of entry".into()).into()),
         }
@@ -518,6 +606,7 @@ impl Ledger {
     /// Callers must read no data for this release before this returns `Ok`, and must
     /// [`commit`](Self::commit) before the release leaves the gate.
     pub fn reserve(&self, r: &Reservation<'_>) -> Result<Entry, LedgerError> {
+        let delta = short_decimal_at_least(r.delta);
         let ((), mut entries) = self.transact(|tx| {
             let caps = Self::grant_in(tx, r.scenario_id, r.dataset_id)?
                 .ok_or_else(|| LedgerError::NoGrant(r.dataset_id.to_string()))?;
@@ -537,6 +626,21 @@ impl Ledger {
                     .unwrap_or(0.0);
             }
             check_caps(&caps, spent, r.epsilon)?;
+            let mut spent_delta = [0.0; 2];
+            for (i, (level, key)) in delta_keys(r.scenario_id, r.dataset_id)
+                .into_iter()
+                .enumerate()
+            {
+                spent_delta[i] = tx
+                    .query_row(
+                        "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
+                        params![level, key],
+                        |row| row.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0.0);
+            }
+            check_delta(&caps, spent_delta, delta)?;
             Ok::<_, LedgerError>((
                 (),
                 vec![Event::Reserve {
@@ -545,6 +649,7 @@ impl Ledger {
                     dataset_id: r.dataset_id.into(),
                     developer_id: r.developer_id.into(),
                     epsilon: r.epsilon,
+                    delta,
                     mechanism: r.mechanism.clone(),
                     mode: r.mode.into(),
                 }],
@@ -892,6 +997,8 @@ pub struct Summary {
     /// before restart): charged.
     pub open_reservations: u64,
     pub total_epsilon: f64,
+    /// δ charged in all (0 unless some release chose keys that are not public).
+    pub total_delta: f64,
     pub head_hash: String,
     pub root: String,
     /// The size of the signed checkpoint that was checked, if the export carried one.
@@ -1012,6 +1119,8 @@ fn replay_checked(
                 per_job_epsilon,
                 dataset_total,
                 developer_epsilon,
+                delta,
+                dataset_delta,
             } => {
                 summary.grants += 1;
                 let caps = Caps {
@@ -1019,6 +1128,8 @@ fn replay_checked(
                     per_job: *per_job_epsilon,
                     dataset_total: *dataset_total,
                     developer: *developer_epsilon,
+                    scenario_delta: *delta,
+                    dataset_delta: *dataset_delta,
                 };
                 grants.insert((scenario_id.clone(), dataset_id.clone()), caps);
                 summary
@@ -1043,6 +1154,7 @@ fn replay_checked(
                 dataset_id,
                 developer_id,
                 epsilon,
+                delta,
                 ..
             } => {
                 summary.reservations += 1;
@@ -1053,10 +1165,20 @@ fn replay_checked(
                 let spent = keys.clone().map(|k| totals.get(&k).copied().unwrap_or(0.0));
                 check_caps(caps, spent, *epsilon)
                     .map_err(|err| bad(format!("replaying it overspends: {err}")))?;
+                let dkeys = delta_keys(scenario_id, dataset_id);
+                let spent_delta = dkeys
+                    .clone()
+                    .map(|k| totals.get(&k).copied().unwrap_or(0.0));
+                check_delta(caps, spent_delta, *delta)
+                    .map_err(|err| bad(format!("replaying it overspends: {err}")))?;
                 for k in keys {
                     *totals.entry(k).or_default() += epsilon;
                 }
+                for k in dkeys {
+                    *totals.entry(k).or_default() += delta;
+                }
                 summary.total_epsilon += epsilon;
+                summary.total_delta += delta;
                 summary
                     .per_scenario
                     .entry(format!("{scenario_id}/{dataset_id}"))

@@ -20,6 +20,8 @@ fn grant(scenario: &str, epsilon: f64, per_job: f64) -> Event {
         per_job_epsilon: per_job,
         dataset_total: 10.0,
         developer_epsilon: 10.0,
+        delta: 0.0,
+        dataset_delta: 0.0,
     }
 }
 
@@ -40,6 +42,7 @@ fn reservation<'a>(job: &'a str, scenario: &'a str, epsilon: f64) -> Reservation
         dataset_id: "trips",
         developer_id: "dev",
         epsilon,
+        delta: 0.0,
         mechanism: "laplace:count".into(),
         mode: "query",
     }
@@ -354,4 +357,60 @@ fn inclusion_and_consistency_proofs_check_out_against_checkpoints() {
         .unwrap();
     assert!(verify_consistency(&c, &old.root, &new.root));
     assert!(!verify_consistency(&c, &new.root, &old.root));
+}
+
+#[test]
+fn delta_is_recorded_as_a_short_decimal_never_below_what_was_spent() {
+    for x in [
+        9.999_999_999_999_98e-7,
+        1e-6,
+        3.141_592_653_589_793e-9,
+        2.5e-7,
+    ] {
+        let v = short_decimal_at_least(x);
+        assert!(v >= x && v <= x * (1.0 + 2e-5), "{x} -> {v}");
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(text.len() <= 12, "{text}");
+        assert_eq!(serde_json::from_str::<f64>(&text).unwrap(), v);
+    }
+}
+
+#[test]
+fn delta_is_capped_per_scenario_and_replays_the_same_offline() {
+    let mut g = grant("scn", 10.0, 10.0);
+    if let Event::Grant {
+        delta,
+        dataset_delta,
+        ..
+    } = &mut g
+    {
+        *delta = 2e-6;
+        *dataset_delta = 1e-5;
+    }
+    let f = fixture(vec![g]);
+    let with_delta = |job: &'static str, d: f64| Reservation {
+        delta: d,
+        ..reservation(job, "scn", 0.1)
+    };
+    f.ledger.reserve(&with_delta("j1", 9.99e-7)).unwrap();
+    f.ledger.reserve(&with_delta("j2", 9.99e-7)).unwrap();
+    let err = f.ledger.reserve(&with_delta("j3", 9.99e-7)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LedgerError::DeltaOverspend {
+                level: "scenario",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Pure ε releases still fit.
+    f.ledger.reserve(&reservation("j4", "scn", 0.1)).unwrap();
+    let summary = replay(&f.ledger.all_entries().unwrap()).unwrap();
+    assert!(
+        (summary.total_delta - 1.998e-6).abs() < 1e-15,
+        "{}",
+        summary.total_delta
+    );
 }

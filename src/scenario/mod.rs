@@ -40,7 +40,19 @@ pub struct Application {
     /// End of the validity window (RFC 3339); default: open-ended unless the operator sets one.
     #[serde(default)]
     pub valid_until: Option<String>,
+    /// For person-level datasets: use at most this many rows of each person, lower than the
+    /// catalogue's bound (less noise per query, more rows dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_unit: Option<u64>,
+    /// Total δ asked for (per dataset), spent only by releases whose group keys are not
+    /// public (DP partition selection). 0: pure ε-DP releases only.
+    #[serde(default)]
+    pub delta: f64,
 }
+
+/// The most δ a scenario may ask for on one dataset: beyond it "(ε, δ)-DP" stops meaning much
+/// for datasets of thousands of people.
+pub const MAX_DELTA: f64 = 1e-4;
 
 /// Limits an operator may tighten when approving.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
@@ -58,6 +70,9 @@ pub struct Approval {
     /// The operator may end the validity window earlier than applied for.
     #[serde(default)]
     pub valid_until: Option<String>,
+    /// The operator may lower the δ applied for (to 0: pure ε-DP only).
+    #[serde(default)]
+    pub delta: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +229,16 @@ pub fn apply(
             "valid_until must be in the future and after valid_from".into(),
         ));
     }
+    if !(app.delta.is_finite() && (0.0..=MAX_DELTA).contains(&app.delta)) {
+        return Err(ScenarioError::Invalid(format!(
+            "delta must be between 0 and {MAX_DELTA:e}"
+        )));
+    }
+    if app.max_rows_per_unit == Some(0) {
+        return Err(ScenarioError::Invalid(
+            "max_rows_per_unit must be at least 1".into(),
+        ));
+    }
     let mut min_group = app.min_group_size;
     for (dataset, cols) in &app.columns {
         let policy = crate::catalog::policy(store, dataset)?.ok_or_else(|| {
@@ -283,6 +308,8 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
                 requires_review: false,
                 valid_from: None,
                 valid_until: None,
+                max_rows_per_unit: None,
+                delta: 0.0,
             },
             epsilon_cap: r.get(4)?,
             per_job_epsilon: r.get(5)?,
@@ -454,6 +481,16 @@ pub fn approve(
     )?
     .min(epsilon);
     let min_group = approval.min_group_size.unwrap_or(0).max(app.min_group_size);
+    let delta = match approval.delta {
+        Some(d) if !(d.is_finite() && d >= 0.0 && d <= app.delta) => {
+            return Err(ScenarioError::Invalid(format!(
+                "delta may only be tightened: {d} is not between 0 and the {} applied for",
+                app.delta
+            )));
+        }
+        Some(d) => d,
+        None => app.delta,
+    };
     if app.requires_review && approval.requires_review == Some(false) {
         return Err(ScenarioError::Invalid(
             "review before release was applied for and may only be tightened, not waived".into(),
@@ -461,6 +498,7 @@ pub fn approve(
     }
     let requires_review = app.requires_review || approval.requires_review.unwrap_or(false);
     let mut app = app.clone();
+    app.delta = delta;
     if let Some(until) = &approval.valid_until {
         let given = timestamp("valid_until", until)?;
         let asked = app
@@ -498,6 +536,8 @@ pub fn approve(
                 per_job_epsilon: per_job,
                 dataset_total: policy.total_epsilon,
                 developer_epsilon: policy.developer_epsilon.unwrap_or(policy.total_epsilon),
+                delta: delta.min(policy.total_delta),
+                dataset_delta: policy.total_delta,
             });
         }
         let changed = tx.execute(
@@ -568,6 +608,7 @@ pub fn suspend(
         for dataset in app.columns.keys() {
             let policy = crate::catalog::policy_in(tx, dataset)?;
             let spent = crate::ledger::spent_in(tx, "scenario", id, dataset)?;
+            let spent_delta = crate::ledger::spent_in(tx, "scenario_delta", id, dataset)?;
             grants.push(Event::Grant {
                 scenario_id: id.to_string(),
                 dataset_id: dataset.clone(),
@@ -576,6 +617,8 @@ pub fn suspend(
                 per_job_epsilon: 0.0,
                 dataset_total: policy.total_epsilon,
                 developer_epsilon: policy.developer_epsilon.unwrap_or(policy.total_epsilon),
+                delta: spent_delta,
+                dataset_delta: policy.total_delta,
             });
         }
         tx.execute(

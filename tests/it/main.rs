@@ -10,6 +10,8 @@ mod hostile_modules;
 mod http_errors;
 mod ledger;
 mod lifecycle;
+mod privacy_units;
+mod private_keys;
 mod roles;
 mod sql_surface;
 mod support;

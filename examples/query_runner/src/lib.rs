@@ -4,29 +4,16 @@
 //! Useful for exploring what the gate accepts; every answer is a DP release or a refusal.
 
 use serde_json::{Value as Json, json};
-use unseen_guest::{Query, entry};
+use unseen_guest::{QueryRequest, entry, query};
 
-fn to_query(spec: &Json) -> Result<Query, String> {
-    let sql = spec
-        .get("sql")
-        .and_then(Json::as_str)
-        .ok_or("each query needs \"sql\"")?;
-    let epsilon = spec.get("epsilon").and_then(Json::as_f64).unwrap_or(0.5);
-    let mut query = Query::sql(sql).epsilon(epsilon);
-    if let Some(bounds) = spec.get("bounds").and_then(Json::as_object) {
-        for (column, pair) in bounds {
-            let lo = pair
-                .get(0)
-                .and_then(Json::as_f64)
-                .ok_or("bounds are [lower, upper]")?;
-            let hi = pair
-                .get(1)
-                .and_then(Json::as_f64)
-                .ok_or("bounds are [lower, upper]")?;
-            query = query.bound(column.clone(), lo, hi);
-        }
+/// Each query is the contract's request as JSON (`sql`, `epsilon` — 0.5 if absent — and any
+/// of `bounds`, `max_rows_per_unit`, `delta`); unknown fields are refused by name.
+fn to_request(spec: &Json) -> Result<QueryRequest, String> {
+    let mut spec = spec.clone();
+    if let Some(fields) = spec.as_object_mut() {
+        fields.entry("epsilon").or_insert(json!(0.5));
     }
-    Ok(query)
+    serde_json::from_value(spec).map_err(|e| format!("a query is not a valid request: {e}"))
 }
 
 fn run(params: Json) -> Result<Json, String> {
@@ -37,7 +24,7 @@ fn run(params: Json) -> Result<Json, String> {
     let answers = queries
         .iter()
         .map(|spec| {
-            Ok(match to_query(spec)?.run() {
+            Ok(match query(&to_request(spec)?) {
                 Ok(release) => json!({ "release": release }),
                 Err(e) => json!({ "error": { "code": e.code, "message": e.message } }),
             })
