@@ -103,7 +103,7 @@ impl std::fmt::Debug for Selection {
 }
 
 impl Selection {
-    fn new(max_rows: u32) -> Result<Self, GateError> {
+    pub(super) fn new(max_rows: u32) -> Result<Self, GateError> {
         let mut seed = [0u8; 32];
         SystemRandom::new()
             .fill(&mut seed)
@@ -147,7 +147,7 @@ impl Selection {
     }
 
     /// Records pass 1's counts (`unit`, `rows`) from one batch.
-    fn add_counts(&self, unit: &ArrayRef, rows: &ArrayRef) -> Result<()> {
+    pub(super) fn add_counts(&self, unit: &ArrayRef, rows: &ArrayRef) -> Result<()> {
         let keys = self.keys(unit)?;
         let rows = arrow::compute::cast(rows, &DataType::Int64)?;
         let rows = rows.as_primitive::<Int64Type>();
@@ -165,7 +165,7 @@ impl Selection {
 
     /// Pass 2: keep or drop each row of one batch. Rows where `wanted` is not true (the
     /// query's own filters) are dropped without touching anyone's allowance.
-    fn keep(&self, unit: &ArrayRef, wanted: &BooleanArray) -> Result<BooleanArray> {
+    pub(super) fn keep(&self, unit: &ArrayRef, wanted: &BooleanArray) -> Result<BooleanArray> {
         let keys = self.keys(unit)?;
         let k = self.max_rows;
         let mut state = self.state.lock().expect("selection lock");

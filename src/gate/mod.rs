@@ -822,6 +822,9 @@ fn calibrate_threshold(
 }
 
 #[cfg(test)]
+mod dp_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use datafusion::logical_expr::lit;

@@ -1,0 +1,197 @@
+//! Statistical privacy tests. For each mechanism the gate uses — Laplace on counts, Laplace on
+//! fixed-point clamped sums, the Laplace threshold of partition selection — and for per-person
+//! contribution bounding, draw many releases on a pair of neighbouring datasets, estimate the
+//! privacy loss, and check it against the ε (and δ) the gate would charge. Each test also runs
+//! a deliberately broken twin (half the noise; no bounding; a threshold of 1) through the same
+//! check, which must catch it — so a check that could never fail would fail here.
+//!
+//! The estimate: for an output event S fixed in advance (the upper tail, where neighbouring
+//! outputs differ most), ε̂ = ln(P̂[M(x′) ∈ S] / P̂[M(x) ∈ S]), and its lower confidence bound
+//! from Wilson intervals on both frequencies. Proper mechanisms must have that bound at or
+//! under the claim. The intervals use z = 3.72 (one-sided 99.99 %) rather than 95 %: at 95 % an
+//! exact mechanism, whose tail ratio is exactly e^ε, would fail one CI run in forty by design.
+//! The broken twins clear the bound by a wide margin all the same.
+//!
+//! Noise is OpenDP's, drawn by invoking each measurement on a vector of N equal inputs (N
+//! independent draws in one call).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, Int64Array};
+use datafusion::logical_expr::lit;
+use opendp::domains::{AtomDomain, MapDomain};
+use opendp::measurements::make_laplace_threshold;
+use opendp::measures::{Approximate, MaxDivergence};
+use opendp::metrics::{AbsoluteDistance, L0PInfDistance};
+
+use super::bound::Selection;
+use super::{MeasureSpec, calibrate, calibrate_threshold};
+
+const N: usize = 20_000;
+const Z: f64 = 3.72;
+
+/// Wilson interval for `hits` of `N`.
+fn wilson(hits: usize) -> (f64, f64) {
+    let (n, p, z2) = (N as f64, hits as f64 / N as f64, Z * Z);
+    let denominator = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denominator;
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denominator;
+    (centre - half, centre + half)
+}
+
+/// Lower confidence bound on ln(P[x′ ∈ S] / P[x ∈ S]), S = {y ≥ cut}.
+fn epsilon_lower_bound(neighbour: &[i64], base: &[i64], cut: i64) -> f64 {
+    let hits = |v: &[i64]| v.iter().filter(|y| **y >= cut).count();
+    let (neighbour_low, _) = wilson(hits(neighbour));
+    let (_, base_high) = wilson(hits(base));
+    (neighbour_low / base_high).ln()
+}
+
+/// Laplace on a count: neighbours differ by one row.
+#[test]
+fn counts_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
+    let claim = 0.5;
+    let proper = calibrate(&MeasureSpec::Rows, claim, 1).unwrap();
+    let broken = calibrate(&MeasureSpec::Rows, 2.0 * claim, 1).unwrap(); // half the scale
+    for (c, should_pass) in [(&proper, true), (&broken, false)] {
+        let base = c.measurement.invoke(&vec![1000; N]).unwrap();
+        let neighbour = c.measurement.invoke(&vec![1001; N]).unwrap();
+        let eps = epsilon_lower_bound(&neighbour, &base, 1001);
+        assert_eq!(
+            eps <= proper.epsilon,
+            should_pass,
+            "scale {}: ε lower bound {eps} against the claim {}",
+            c.scale,
+            proper.epsilon
+        );
+    }
+}
+
+/// Laplace on a clamped fixed-point sum: neighbours differ by one row at the upper bound.
+#[test]
+fn sums_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
+    let claim = 0.5;
+    let fp = 2f64.powi(23);
+    let spec = MeasureSpec::ClampedSum {
+        expr: lit(0.0),
+        column: "fare".into(),
+        lo: 0.0,
+        hi: 100.0,
+        shift: 0.0,
+        fixed_point: fp,
+    };
+    let (_, top) = spec.fixed_point_bounds();
+    let proper = calibrate(&spec, claim, 1).unwrap();
+    let broken = calibrate(&spec, 2.0 * claim, 1).unwrap();
+    let base_sum = 1000 * top;
+    for (c, should_pass) in [(&proper, true), (&broken, false)] {
+        let base = c.measurement.invoke(&vec![base_sum; N]).unwrap();
+        let neighbour = c.measurement.invoke(&vec![base_sum + top; N]).unwrap();
+        let eps = epsilon_lower_bound(&neighbour, &base, base_sum + top);
+        assert_eq!(
+            eps <= proper.epsilon,
+            should_pass,
+            "ε lower bound {eps} against the claim {}",
+            proper.epsilon
+        );
+    }
+}
+
+/// Contribution bounding: the neighbour adds a person with 40 rows, 25 of them in the group
+/// measured; after bounding to k = 5 the count moves by at most 5, and the noise is calibrated
+/// to 5. The broken twin keeps every row of the person (k = 1000) under the same noise.
+#[test]
+fn bounded_persons_spend_no_more_than_claimed_and_unbounded_ones_are_caught() {
+    let (claim, k) = (0.5, 5u32);
+    let noise = calibrate(&MeasureSpec::Rows, claim, u64::from(k)).unwrap();
+    let base_count = 1000i64;
+    let kept_in_group = |bound: u32| -> i64 {
+        let selection = Arc::new(Selection::new(bound).unwrap());
+        let unit: ArrayRef = Arc::new(Int64Array::from(vec![42i64]));
+        let rows: ArrayRef = Arc::new(Int64Array::from(vec![40i64]));
+        selection.add_counts(&unit, &rows).unwrap();
+        let person: ArrayRef = Arc::new(Int64Array::from(vec![42i64; 40]));
+        let kept = selection
+            .keep(&person, &BooleanArray::from(vec![true; 40]))
+            .unwrap();
+        // Rows 0..25 are in the measured group.
+        (0..25).filter(|i| kept.value(*i)).count() as i64
+    };
+    let base = noise.measurement.invoke(&vec![base_count; N]).unwrap();
+    for (bound, should_pass) in [(k, true), (1000, false)] {
+        let exact: Vec<i64> = (0..N).map(|_| base_count + kept_in_group(bound)).collect();
+        assert!(exact.iter().all(|c| c - base_count <= i64::from(bound)));
+        let neighbour = noise.measurement.invoke(&exact).unwrap();
+        let cut = base_count + i64::from(k);
+        let eps = epsilon_lower_bound(&neighbour, &base, cut);
+        assert_eq!(
+            eps <= noise.epsilon,
+            should_pass,
+            "bound {bound}: ε lower bound {eps} against the claim {}",
+            noise.epsilon
+        );
+    }
+}
+
+/// P[Poisson(mean) ≥ hits]: how surprising `hits` releases are if each has probability δ.
+fn poisson_tail(mean: f64, hits: usize) -> f64 {
+    let mut term = (-mean).exp();
+    let mut below = 0.0;
+    for i in 0..hits {
+        below += term;
+        term *= mean / (i + 1) as f64;
+    }
+    (1.0 - below).max(0.0)
+}
+
+/// Partition selection, both halves of its (ε, δ) claim. δ: a key that one row brings into
+/// being must be released with probability at most δ (the other dataset never releases it);
+/// the broken twin thresholds at 1. ε: a key present in both, far above the threshold, as for
+/// counts; the broken twin has half the noise.
+#[test]
+fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught() {
+    let (claim, delta) = (0.5, 1e-6);
+    let proper = calibrate_threshold(claim, delta, 1, 0).unwrap();
+    let low = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+        MapDomain::new(
+            AtomDomain::<String>::default(),
+            AtomDomain::<i64>::default(),
+        ),
+        L0PInfDistance(AbsoluteDistance::<i64>::default()),
+        proper.scale,
+        1,
+        None,
+    )
+    .unwrap();
+    for (m, should_pass) in [(&proper.measurement, true), (&low, false)] {
+        // N datasets of one row in a fresh key each, at once: keys are noised independently.
+        let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();
+        let hits = m.invoke(&fresh).unwrap().len();
+        let p = poisson_tail(N as f64 * proper.delta, hits);
+        assert_eq!(
+            p >= 1e-4,
+            should_pass,
+            "{hits} of {N} single-row keys released; P = {p} at δ {}",
+            proper.delta
+        );
+    }
+
+    let broken = calibrate_threshold(2.0 * claim, delta, 1, 0).unwrap();
+    for (t, should_pass) in [(&proper, true), (&broken, false)] {
+        let draws = |count: i64| -> Vec<i64> {
+            let input: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), count)).collect();
+            let out = t.measurement.invoke(&input).unwrap();
+            assert_eq!(out.len(), N, "far above the threshold every key is kept");
+            out.into_values().collect()
+        };
+        let eps = epsilon_lower_bound(&draws(1001), &draws(1000), 1001);
+        assert_eq!(
+            eps <= proper.epsilon,
+            should_pass,
+            "scale {}: ε lower bound {eps} against the claim {}",
+            t.scale,
+            proper.epsilon
+        );
+    }
+}
