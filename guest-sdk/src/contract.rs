@@ -60,6 +60,10 @@ pub struct QueryRequest {
     /// none, and such queries are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
+    /// Only price the query: the answer is a [`Release`] with `dry_run` set, no rows, and the
+    /// ε, δ and per-column noise a real run would have, read from no data and spending nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// What the host answers to a [`QueryRequest`].
@@ -91,6 +95,17 @@ pub struct Release {
     pub ledger_entry: u64,
     /// Groups whose noisy count fell below the minimum group size; their measures are null.
     pub suppressed_groups: u64,
+    /// δ this release spent (non-zero only when its group keys were chosen from the data).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delta: f64,
+    /// An estimate from a dry run: no rows, nothing spent (`ledger_entry` is 0), and `epsilon`,
+    /// `delta` and the columns' noise are what the real query would have.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Release {

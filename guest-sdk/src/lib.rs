@@ -97,6 +97,15 @@ impl Query {
     pub fn run(&self) -> Result<Release, QueryError> {
         query(&self.request)
     }
+
+    /// Asks the gate what the query would cost and how noisy each column would be, without
+    /// reading data or spending budget: a [`Release`] with `dry_run` set and no rows.
+    pub fn estimate(&self) -> Result<Release, QueryError> {
+        query(&QueryRequest {
+            dry_run: true,
+            ..self.request.clone()
+        })
+    }
 }
 
 /// Exports `function` (a `fn(Json) -> Result<Json, String>`) as the entry point `name`.

@@ -143,7 +143,7 @@ pub fn endpoints(limits: &Limits) -> Vec<Endpoint> {
         ep(M::POST, "/v1/scenarios/{id}/approve", "approve_scenario", &[O], "Approve, optionally tightening any limit; reserves the budget from each dataset's total.", h::approve_scenario).optional_json::<crate::scenario::Approval>(),
         ep(M::POST, "/v1/scenarios/{id}/reject", "reject_scenario", &[O], "Reject, with a reason.", h::reject_scenario).json::<h::Reason>(),
         ep(M::POST, "/v1/scenarios/{id}/suspend", "suspend_scenario", &[O], "Suspend, with a reason: no job may start or spend; what was spent stays spent.", h::suspend_scenario).json::<h::Reason>(),
-        ep(M::POST, "/v1/jobs", "submit_job", &[D], "Submit a job: scenario, module, entry, params.", h::submit_job).json::<crate::jobs::SubmitJob>().answers(StatusCode::ACCEPTED),
+        ep(M::POST, "/v1/jobs", "submit_job", &[D], "Submit a job: scenario, module, entry, params. With `\"dry_run\": true` the module runs at once with every query only priced (ε, δ, each column's noise and 95 % interval) and the answer is 200 with the estimates: no data read, nothing queued or spent.", h::submit_job).json::<crate::jobs::SubmitJob>().answers(StatusCode::ACCEPTED),
         ep(M::GET, "/v1/jobs", "list_jobs", &[D, O], "Jobs, newest first: a developer's own, or (operators) all; `?status=awaiting_review`.", h::list_jobs).query::<h::JobsQuery>(),
         ep(M::GET, "/v1/jobs/{id}", "get_job", &[D, O], "Poll a job; `?wait=N` answers as soon as it finishes (long poll, at most 30 s).", h::get_job).query::<h::WaitQuery>(),
         ep(M::DELETE, "/v1/jobs/{id}", "cancel_job", &[D], "Cancel a queued or running job; budget already spent stays spent.", h::cancel_job),

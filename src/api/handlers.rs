@@ -323,6 +323,10 @@ pub(super) async fn submit_job(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Developer, "submit jobs")?;
     let req: SubmitJob = parse_json(body)?;
+    if req.dry_run {
+        let dry = s.runner.dry_run(&caller.0.id, req).await?;
+        return Ok((StatusCode::OK, Json(dry)).into_response());
+    }
     let job = s.runner.submit(&caller.0.id, req)?;
     note_target(&job.id);
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())

@@ -234,6 +234,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             bounds: [("fare".to_string(), [0.0, 100.0])].into(),
             max_rows_per_unit: q.rows_per_person,
             delta: q.delta,
+            ..Default::default()
         };
         let mut with_load = Vec::new();
         let mut without_load = Vec::new();

@@ -183,6 +183,35 @@ impl Gate {
         scenario: &Scenario,
         in_memory: bool,
     ) -> Result<JobGrant, GateError> {
+        self.open(
+            job_id,
+            developer_id,
+            scenario,
+            in_memory,
+            Some(&self.tables),
+        )
+        .await
+    }
+
+    /// A job's view for dry runs: the tables' schemas from the files' footers, no rows decoded
+    /// (and none put in the shared table cache).
+    pub async fn open_for_estimates(
+        &self,
+        job_id: &str,
+        developer_id: &str,
+        scenario: &Scenario,
+    ) -> Result<JobGrant, GateError> {
+        self.open(job_id, developer_id, scenario, false, None).await
+    }
+
+    async fn open(
+        &self,
+        job_id: &str,
+        developer_id: &str,
+        scenario: &Scenario,
+        in_memory: bool,
+        cache: Option<&crate::engine::TableCache>,
+    ) -> Result<JobGrant, GateError> {
         if scenario.status != Status::Approved || !crate::scenario::started(scenario) {
             return Err(GateError::refused(
                 "scenario_not_approved",
@@ -223,8 +252,7 @@ impl Gate {
             });
             datasets.insert(policy.table.clone(), policy);
         }
-        let session =
-            JobSession::new(&specs, self.limits.query_memory_bytes, Some(&self.tables)).await?;
+        let session = JobSession::new(&specs, self.limits.query_memory_bytes, cache).await?;
         Ok(JobGrant {
             job_id: job_id.into(),
             developer_id: developer_id.into(),
@@ -252,6 +280,77 @@ impl Gate {
         grant: &JobGrant,
         request: &QueryRequest,
     ) -> Result<Released, GateError> {
+        let Prepared {
+            shape,
+            pricing,
+            dataset_id,
+            mechanism,
+        } = self.prepare(grant, request).await?;
+        let (epsilon, delta) = (pricing.epsilon, pricing.delta);
+        let scenario = &grant.scenario;
+        let reservation = self.ledger.reserve(&Reservation {
+            job_id: &grant.job_id,
+            scenario_id: &scenario.id,
+            dataset_id: &dataset_id,
+            developer_id: &grant.developer_id,
+            epsilon,
+            delta,
+            mechanism,
+            mode: "query",
+        })?;
+
+        // The reservation is durable: now, and only now, the data is read.
+        match self
+            .produce(grant, &shape, &pricing, reservation.body.seq)
+            .await
+        {
+            Ok(release) => {
+                // The commit is durable before the release leaves the gate.
+                let commit = self.ledger.commit(&reservation, true, "released")?;
+                Ok(Released {
+                    release,
+                    reservation: reservation.body.seq,
+                    commit: commit.body.seq,
+                })
+            }
+            Err(e) => {
+                if let Err(le) =
+                    self.ledger
+                        .commit(&reservation, false, "the query failed while running")
+                {
+                    tracing::error!("could not close reservation {}: {le}", reservation.body.seq);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Answers what `request` would cost and how noisy each column would be, from the SQL, the
+    /// catalogue and OpenDP's maps alone: no data is read and nothing is spent. Refuses exactly
+    /// what [`Gate::release`] would refuse before reading data.
+    pub async fn estimate(
+        &self,
+        grant: &JobGrant,
+        request: &QueryRequest,
+    ) -> Result<Release, GateError> {
+        let Prepared { shape, pricing, .. } = self.prepare(grant, request).await?;
+        Ok(Release {
+            columns: describe_columns(&shape, &pricing),
+            rows: Vec::new(),
+            epsilon: pricing.epsilon,
+            ledger_entry: 0,
+            suppressed_groups: 0,
+            delta: pricing.delta,
+            dry_run: true,
+        })
+    }
+
+    /// Checks and prices a query: everything before the ledger and the data.
+    async fn prepare(
+        &self,
+        grant: &JobGrant,
+        request: &QueryRequest,
+    ) -> Result<Prepared, GateError> {
         if request.sql.len() > self.limits.max_sql_bytes {
             return Err(GateError::refused(
                 "sql_too_long",
@@ -349,74 +448,41 @@ impl Gate {
             + threshold.as_ref().map_or(0.0, |t| t.epsilon);
         let delta = threshold.as_ref().map_or(0.0, |t| t.delta);
 
-        let scenario = &grant.scenario;
-        let reservation = self.ledger.reserve(&Reservation {
-            job_id: &grant.job_id,
-            scenario_id: &scenario.id,
-            dataset_id: &policy.id,
-            developer_id: &grant.developer_id,
-            epsilon,
-            delta,
-            mechanism: format!(
-                "{}:{}{}",
-                if exact {
-                    "exact"
-                } else if private {
-                    "laplace-threshold"
-                } else {
-                    "laplace"
-                },
-                shape
-                    .measures
-                    .iter()
-                    .map(MeasureSpec::label)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                shape.unit.as_ref().map_or(String::new(), |u| format!(
-                    ";≤{} rows per {}",
-                    u.max_rows, u.column
-                )) + &threshold.as_ref().map_or(String::new(), |t| format!(
-                    ";keys by noisy count ≥ {}",
-                    t.threshold
-                ))
-            ),
-            mode: "query",
-        })?;
-
-        // The reservation is durable: now, and only now, the data is read.
-        match self
-            .produce(
-                grant,
-                &shape,
-                &Pricing {
-                    exact,
-                    calibrated,
-                    threshold,
-                    epsilon,
-                },
-                reservation.body.seq,
-            )
-            .await
-        {
-            Ok(release) => {
-                // The commit is durable before the release leaves the gate.
-                let commit = self.ledger.commit(&reservation, true, "released")?;
-                Ok(Released {
-                    release,
-                    reservation: reservation.body.seq,
-                    commit: commit.body.seq,
-                })
-            }
-            Err(e) => {
-                if let Err(le) =
-                    self.ledger
-                        .commit(&reservation, false, "the query failed while running")
-                {
-                    tracing::error!("could not close reservation {}: {le}", reservation.body.seq);
-                }
-                Err(e)
-            }
-        }
+        let mechanism = format!(
+            "{}:{}{}",
+            if exact {
+                "exact"
+            } else if private {
+                "laplace-threshold"
+            } else {
+                "laplace"
+            },
+            shape
+                .measures
+                .iter()
+                .map(MeasureSpec::label)
+                .collect::<Vec<_>>()
+                .join(","),
+            shape.unit.as_ref().map_or(String::new(), |u| format!(
+                ";≤{} rows per {}",
+                u.max_rows, u.column
+            )) + &threshold.as_ref().map_or(String::new(), |t| format!(
+                ";keys by noisy count ≥ {}",
+                t.threshold
+            ))
+        );
+        Ok(Prepared {
+            dataset_id: policy.id.clone(),
+            mechanism,
+            pricing: Pricing {
+                exact,
+                calibrated,
+                threshold,
+                epsilon,
+                delta,
+            },
+            shape,
+        })
     }
 
     /// Computes the exact aggregate, adds noise and builds the release. Runs only after the
@@ -588,36 +654,7 @@ impl Gate {
             })
             .collect();
 
-        let columns = shape
-            .outputs
-            .iter()
-            .map(|o| match o {
-                OutputSpec::Key { name, .. } => ReleasedColumn {
-                    name: name.clone(),
-                    kind: ColumnKind::Key,
-                    noise_scale: None,
-                    ci95_half_width: None,
-                },
-                OutputSpec::Measure {
-                    name,
-                    measure,
-                    kind,
-                } => {
-                    let scale = match (pricing.calibrated.get(*measure), &pricing.threshold) {
-                        (Some(Some(c)), _) => c.scale / shape.measures[*measure].fixed_point(),
-                        (Some(None), Some(t)) => t.scale,
-                        _ => 0.0,
-                    };
-                    ReleasedColumn {
-                        name: name.clone(),
-                        kind: *kind,
-                        noise_scale: Some(scale),
-                        // P(|Laplace(b)| > t) = exp(-t/b): 95 % at t = b·ln 20.
-                        ci95_half_width: Some(scale * 20f64.ln()),
-                    }
-                }
-            })
-            .collect();
+        let columns = describe_columns(shape, pricing);
 
         Ok(Release {
             columns,
@@ -625,8 +662,53 @@ impl Gate {
             epsilon: pricing.epsilon,
             ledger_entry: reservation,
             suppressed_groups: suppressed,
+            delta: pricing.delta,
+            dry_run: false,
         })
     }
+}
+
+/// The released columns and the noise each carries (the same for a release and its estimate).
+fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn> {
+    shape
+        .outputs
+        .iter()
+        .map(|o| match o {
+            OutputSpec::Key { name, .. } => ReleasedColumn {
+                name: name.clone(),
+                kind: ColumnKind::Key,
+                noise_scale: None,
+                ci95_half_width: None,
+            },
+            OutputSpec::Measure {
+                name,
+                measure,
+                kind,
+            } => {
+                let scale = match (pricing.calibrated.get(*measure), &pricing.threshold) {
+                    (Some(Some(c)), _) => c.scale / shape.measures[*measure].fixed_point(),
+                    (Some(None), Some(t)) => t.scale,
+                    _ => 0.0,
+                };
+                ReleasedColumn {
+                    name: name.clone(),
+                    kind: *kind,
+                    noise_scale: Some(scale),
+                    // P(|Laplace(b)| > t) = exp(-t/b): 95 % at t = b·ln 20.
+                    ci95_half_width: Some(scale * 20f64.ln()),
+                }
+            }
+        })
+        .collect()
+}
+
+/// A checked, priced query.
+struct Prepared {
+    shape: QueryShape,
+    pricing: Pricing,
+    dataset_id: String,
+    /// What the ledger entry says is released.
+    mechanism: String,
 }
 
 /// What a query costs and how its noise is drawn, fixed before any data is read.
@@ -638,6 +720,7 @@ struct Pricing {
     /// Partition selection, when the group keys are not public.
     threshold: Option<Threshold>,
     epsilon: f64,
+    delta: f64,
 }
 
 /// The text key of each group slot, in slot order.

@@ -23,6 +23,28 @@ pub struct SubmitJob {
     pub entry: String,
     #[serde(default)]
     pub params: serde_json::Value,
+    /// Run the module now with every query only priced (see [`DryRun`]): nothing is queued,
+    /// no data is read, nothing is spent.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a dry run answers: the module's output over estimates, and each query's estimate (a
+/// release with `dry_run` set and no rows) or refusal, in the order the module asked them.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DryRun {
+    pub dry_run: bool,
+    pub scenario_id: String,
+    pub module: String,
+    pub entry: String,
+    #[schemars(with = "serde_json::Value")]
+    pub output: serde_json::Value,
+    /// Per query: `{"estimate": Release}` or `{"error": {code, message}}`.
+    #[schemars(with = "Vec<serde_json::Value>")]
+    pub answers: Vec<serde_json::Value>,
+    /// What the estimated queries would spend together.
+    pub epsilon: f64,
+    pub delta: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,7 +246,80 @@ impl Runner {
     }
 
     /// Checks and queues a job, then starts it in the background.
-    pub fn submit(&self, developer_id: &str, req: SubmitJob) -> Result<Job, SubmitError> {
+    /// Runs a module now with every query only estimated: checked, planned and priced as a
+    /// real job's would be, but no row is read, nothing is queued or spent, and the ledger is
+    /// untouched. Runs under the same fuel, memory and time limits as a job.
+    pub async fn dry_run(&self, developer_id: &str, req: SubmitJob) -> Result<DryRun, SubmitError> {
+        let (scenario, params_text) = self.check_submission(developer_id, &req)?;
+        let failed = |e: String| {
+            tracing::error!("dry run: {e}");
+            refused("internal", "the module could not be loaded")
+        };
+        let bytes = std::fs::read(self.modules_dir.join(format!("{}.wasm", req.module)))
+            .map_err(|e| failed(e.to_string()))?;
+        let module = self
+            .sandbox
+            .validate(&bytes)
+            .map_err(|e| failed(e.to_string()))?;
+        let grant = self
+            .gate
+            .open_for_estimates(&crate::new_id("dry"), developer_id, &scenario)
+            .await
+            .map_err(|e| match e {
+                crate::gate::GateError::Refused { code, message } => refused(code, message),
+                other => refused("internal", other.to_query_error().message),
+            })?;
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let host = GateHost {
+            job_id: String::new(),
+            store: self.store.clone(),
+            developer_id: developer_id.to_string(),
+            gate: self.gate.clone(),
+            grant: Arc::new(grant),
+            runtime: tokio::runtime::Handle::current(),
+            releases: Arc::new(Mutex::new(Vec::new())),
+            dry_run: Some(answers.clone()),
+        };
+        let sandbox = self.sandbox.clone();
+        let entry = req.entry.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            sandbox.run(&module, &entry, params_text.as_bytes(), Box::new(host))
+        })
+        .await
+        .map_err(|_| refused("internal", "the dry run's thread failed"))?;
+        let output_bytes = outcome.map_err(|e| refused(e.code(), e.to_string()))?;
+        let output = serde_json::from_slice(&output_bytes)
+            .map_err(|_| refused("bad_output", "the module's output is not JSON"))?;
+        let answers = std::mem::take(&mut *answers.lock().unwrap_or_else(|p| p.into_inner()));
+        let (epsilon, delta) = answers
+            .iter()
+            .flatten()
+            .fold((0.0, 0.0), |(e, d), r| (e + r.epsilon, d + r.delta));
+        Ok(DryRun {
+            dry_run: true,
+            scenario_id: scenario.id,
+            module: req.module,
+            entry: req.entry,
+            output,
+            answers: answers
+                .into_iter()
+                .map(|a| match a {
+                    Ok(estimate) => serde_json::json!({ "estimate": estimate }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                })
+                .collect(),
+            epsilon,
+            delta,
+        })
+    }
+
+    /// Everything a submission must satisfy before it runs: the caller's approved, started
+    /// scenario allowing this module, the caller's module with this entry, bounded params.
+    fn check_submission(
+        &self,
+        developer_id: &str,
+        req: &SubmitJob,
+    ) -> Result<(crate::scenario::Scenario, String), SubmitError> {
         let scenario = crate::scenario::get(&self.store, &req.scenario_id)?
             .filter(|s| s.developer_id == developer_id)
             .ok_or_else(|| {
@@ -294,6 +389,11 @@ impl Runner {
                 "params are limited to 64 KiB of JSON",
             ));
         }
+        Ok((scenario, params_text))
+    }
+
+    pub fn submit(&self, developer_id: &str, req: SubmitJob) -> Result<Job, SubmitError> {
+        let (scenario, params_text) = self.check_submission(developer_id, &req)?;
         let job = Job {
             id: crate::new_id("job"),
             developer_id: developer_id.to_string(),
@@ -426,6 +526,7 @@ impl Runner {
             grant: grant.clone(),
             runtime: tokio::runtime::Handle::current(),
             releases: releases.clone(),
+            dry_run: None,
         };
         let sandbox = self.sandbox.clone();
         let entry_name = entry.clone();
@@ -514,6 +615,8 @@ struct GateHost {
     grant: Arc<JobGrant>,
     runtime: tokio::runtime::Handle,
     releases: Arc<Mutex<Vec<Released>>>,
+    /// A dry-run job: every query is only estimated, and its answers are kept here.
+    dry_run: Option<Arc<Mutex<Vec<QueryResponse>>>>,
 }
 
 impl Host for GateHost {
@@ -529,11 +632,29 @@ impl Host for GateHost {
                     .into(),
             });
         }
-        if cancelled(&self.store, &self.job_id) {
+        // A dry run has no job row to cancel.
+        if self.dry_run.is_none() && cancelled(&self.store, &self.job_id) {
             return Err(unseen_guest::QueryError {
                 code: "job_cancelled".into(),
                 message: "the job was cancelled; nothing was released or spent".into(),
             });
+        }
+        if let Some(answers) = &self.dry_run {
+            let answer = self
+                .runtime
+                .block_on(self.gate.estimate(&self.grant, &request))
+                .map_err(|e| e.to_query_error());
+            answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(answer.clone());
+            return answer;
+        }
+        if request.dry_run {
+            return self
+                .runtime
+                .block_on(self.gate.estimate(&self.grant, &request))
+                .map_err(|e| e.to_query_error());
         }
         match self
             .runtime

@@ -3,6 +3,7 @@
 
 mod bench;
 mod budget;
+mod dry_run;
 mod end_to_end;
 mod examples;
 mod governance;
