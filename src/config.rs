@@ -75,6 +75,10 @@ pub struct Limits {
     /// Memory for tables kept decoded between jobs, bytes (0: read the Parquet file for every
     /// job). Least recently used tables leave first; a table larger than this is never kept.
     pub table_cache_bytes: usize,
+    /// A query asked again with the same options in the same scenario, over the same data file,
+    /// gets its earlier release back and spends nothing (false: every query is computed and
+    /// charged afresh).
+    pub reuse_releases: bool,
 }
 
 impl Default for Limits {
@@ -93,6 +97,7 @@ impl Default for Limits {
             concurrent_jobs: 2,
             max_cached_modules: 256,
             table_cache_bytes: 2 << 30,
+            reuse_releases: true,
         }
     }
 }

@@ -102,6 +102,10 @@ pub struct Release {
     /// `delta` and the columns' noise are what the real query would have.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// The same query with the same options was answered before in this scenario: this is
+    /// that release again (same values, same `ledger_entry`), and nothing was spent now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 fn is_zero(x: &f64) -> bool {

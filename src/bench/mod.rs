@@ -391,8 +391,10 @@ impl GateFixture {
         let scenario =
             crate::scenario::approve(&store, &ledger, &s.id, "bench", &Approval::default())?;
         // No table cache: "with load" must read the file on every run.
+        // and every run computes its release: none is answered from an earlier identical one.
         let limits = Limits {
             table_cache_bytes: 0,
+            reuse_releases: false,
             ..Limits::default()
         };
         let gate = Gate::new(store, ledger, dir.path().to_path_buf(), limits);

@@ -152,6 +152,8 @@ pub struct Gate {
     data_dir: PathBuf,
     limits: Limits,
     tables: crate::engine::TableCache,
+    /// Answer a repeated query with its earlier release (see [`Gate::cached`]).
+    reuse: bool,
 }
 
 /// One noisy measurement's calibration, all from OpenDP.
@@ -167,6 +169,7 @@ impl Gate {
     pub fn new(store: Store, ledger: Arc<Ledger>, data_dir: PathBuf, limits: Limits) -> Self {
         Gate {
             tables: crate::engine::TableCache::new(limits.table_cache_bytes),
+            reuse: limits.reuse_releases,
             store,
             ledger,
             data_dir,
@@ -287,6 +290,14 @@ impl Gate {
             mechanism,
         } = self.prepare(grant, request).await?;
         let (epsilon, delta) = (pricing.epsilon, pricing.delta);
+        // Asked and paid for before in this scenario, over the same version of the data: the
+        // same release again, for nothing (re-showing a release is post-processing).
+        let cache_key = self.cache_key(grant, &dataset_id, request)?;
+        if self.reuse
+            && let Some(reused) = self.cached(&grant.scenario.id, &cache_key)?
+        {
+            return Ok(reused);
+        }
         let scenario = &grant.scenario;
         let reservation = self.ledger.reserve(&Reservation {
             job_id: &grant.job_id,
@@ -307,6 +318,13 @@ impl Gate {
             Ok(release) => {
                 // The commit is durable before the release leaves the gate.
                 let commit = self.ledger.commit(&reservation, true, "released")?;
+                self.remember(
+                    &scenario.id,
+                    &cache_key,
+                    &release,
+                    reservation.body.seq,
+                    commit.body.seq,
+                );
                 Ok(Released {
                     release,
                     reservation: reservation.body.seq,
@@ -322,6 +340,92 @@ impl Gate {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// What makes two queries "the same": every option of the request (not `dry_run`) and the
+    /// data file's length and modification time, hashed.
+    fn cache_key(
+        &self,
+        grant: &JobGrant,
+        dataset_id: &str,
+        request: &QueryRequest,
+    ) -> Result<String, GateError> {
+        let policy = grant
+            .datasets
+            .values()
+            .find(|p| p.id == dataset_id)
+            .ok_or_else(|| GateError::refused("internal", "the dataset left the job"))?;
+        let meta = std::fs::metadata(policy.data_path(&self.data_dir)).ok();
+        let version = meta.map(|m| {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{}:{modified}", m.len())
+        });
+        let request = QueryRequest {
+            dry_run: false,
+            ..request.clone()
+        };
+        let text = serde_json::json!({
+            "request": request,
+            "dataset": dataset_id,
+            "version": version,
+        })
+        .to_string();
+        Ok(hex::encode(
+            ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
+        ))
+    }
+
+    fn cached(&self, scenario_id: &str, key: &str) -> Result<Option<Released>, GateError> {
+        use rusqlite::OptionalExtension;
+        let row: Option<(String, i64, i64)> = self
+            .store
+            .conn()
+            .query_row(
+                "SELECT release, reservation, commit_seq FROM release_cache WHERE scenario_id = ?1 AND request_key = ?2",
+                rusqlite::params![scenario_id, key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(StoreError::from)?;
+        Ok(row.and_then(|(text, reservation, commit)| {
+            let release: Release = serde_json::from_str(&text).ok()?;
+            Some(Released {
+                release: Release {
+                    reused: true,
+                    ..release
+                },
+                reservation: reservation as u64,
+                commit: commit as u64,
+            })
+        }))
+    }
+
+    /// Keeps a release for [`Gate::cached`]. A failure only costs a later identical query its
+    /// budget, so it is logged, not raised.
+    fn remember(
+        &self,
+        scenario_id: &str,
+        key: &str,
+        release: &Release,
+        reservation: u64,
+        commit: u64,
+    ) {
+        let stored = serde_json::to_string(release).map_err(|e| e.to_string()).and_then(|text| {
+            self.store
+                .conn()
+                .execute(
+                    "INSERT OR IGNORE INTO release_cache (scenario_id, request_key, release, reservation, commit_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    rusqlite::params![scenario_id, key, text, reservation as i64, commit as i64, crate::now_rfc3339()],
+                )
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = stored {
+            tracing::warn!("could not keep a release for reuse: {e}");
         }
     }
 
@@ -342,6 +446,7 @@ impl Gate {
             suppressed_groups: 0,
             delta: pricing.delta,
             dry_run: true,
+            reused: false,
         })
     }
 
@@ -664,6 +769,7 @@ impl Gate {
             suppressed_groups: suppressed,
             delta: pricing.delta,
             dry_run: false,
+            reused: false,
         })
     }
 }

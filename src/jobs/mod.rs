@@ -548,7 +548,11 @@ impl Runner {
                 message: "the module's output is not JSON".into(),
             })?;
         let released = std::mem::take(&mut *releases.lock().unwrap_or_else(|p| p.into_inner()));
-        let spent: f64 = released.iter().map(|r| r.release.epsilon).sum();
+        let spent: f64 = released
+            .iter()
+            .filter(|r| !r.release.reused)
+            .map(|r| r.release.epsilon)
+            .sum();
         let mut left = f64::INFINITY;
         for dataset in scenario.application.columns.keys() {
             let on_dataset = self

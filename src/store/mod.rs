@@ -100,6 +100,17 @@ CREATE TABLE IF NOT EXISTS budget_totals (
     spent REAL NOT NULL,
     PRIMARY KEY (level, key)
 );
+-- Releases already paid for, by scenario and request (with the data file's version): the same
+-- query asked again in the same scenario gets the same release and spends nothing.
+CREATE TABLE IF NOT EXISTS release_cache (
+    scenario_id TEXT NOT NULL,
+    request_key TEXT NOT NULL,
+    release TEXT NOT NULL,
+    reservation INTEGER NOT NULL,
+    commit_seq INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (scenario_id, request_key)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size INTEGER PRIMARY KEY,
     root TEXT NOT NULL,

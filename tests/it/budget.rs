@@ -2,7 +2,7 @@
 //! reserve more than a dataset has.
 
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::Server;
 
@@ -81,7 +81,9 @@ async fn the_per_job_cap_stops_the_query_that_would_cross_it() {
         .await;
     let one =
         json!({"sql": "SELECT district, COUNT(*) FROM trips GROUP BY district", "epsilon": 0.4});
-    let (answers, report) = s.ask(&scenario, &module, json!([one, one])).await;
+    let other =
+        json!({"sql": "SELECT district, COUNT(fare) FROM trips GROUP BY district", "epsilon": 0.4});
+    let (answers, report) = s.ask(&scenario, &module, json!([one, other])).await;
     assert!(answers[0]["release"].is_object(), "{answers}");
     assert_eq!(answers[1]["error"]["code"], "budget_exceeded", "{answers}");
     assert!(
@@ -146,4 +148,45 @@ async fn approvals_cannot_reserve_more_than_the_dataset_has() {
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "scenario_not_approved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_query_again_in_a_scenario_gets_its_release_back_for_nothing() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "fare"], 4.0, 2.0)
+        .await;
+    let q = json!({"sql": "SELECT district, COUNT(*) AS n FROM trips GROUP BY district", "epsilon": 0.5});
+    let (first, report) = s.ask(&scenario, &module, json!([q])).await;
+    assert_eq!(report["epsilon_spent"], 0.5);
+    let (again, report) = s.ask(&scenario, &module, json!([q])).await;
+    let (a, b) = (&first[0]["release"], &again[0]["release"]);
+    assert_eq!(a["rows"], b["rows"], "the same noisy values");
+    assert_eq!(a["ledger_entry"], b["ledger_entry"], "the same debit");
+    assert_eq!(b["reused"], true);
+    assert_eq!(report["epsilon_spent"], 0.0, "{report}");
+    assert_eq!(s.reservations().await, 1);
+
+    // Any other option, another scenario, or a new version of the data file is a new query.
+    let bounded = json!({"sql": "SELECT district, COUNT(*) AS n FROM trips GROUP BY district", "epsilon": 0.5, "bounds": {"fare": [0, 50]}});
+    let (answers, _) = s.ask(&scenario, &module, json!([bounded])).await;
+    assert_eq!(answers[0]["release"]["reused"], Value::Null);
+    assert_eq!(s.reservations().await, 2);
+    let other = s
+        .approved_scenario(&module, &["district", "fare"], 4.0, 2.0)
+        .await;
+    let (answers, _) = s.ask(&other, &module, json!([q])).await;
+    assert_eq!(answers[0]["release"]["reused"], Value::Null);
+    assert_eq!(s.reservations().await, 3);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(s.data_path())
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    drop(file);
+    let (answers, _) = s.ask(&scenario, &module, json!([q])).await;
+    assert_eq!(answers[0]["release"]["reused"], Value::Null, "{answers}");
+    assert_eq!(s.reservations().await, 4);
 }

@@ -219,9 +219,10 @@ async fn reports_wait_for_review_and_a_withheld_report_stays_charged() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["requires_review"], true);
 
-    let q = json!({"queries": [{"sql": "SELECT district, COUNT(*) FROM trips GROUP BY district", "epsilon": 0.5}]});
     let mut jobs = Vec::new();
-    for _ in 0..2 {
+    for hour in 0..2 {
+        // Two different queries (by their column's name): the same one again would get its earlier release, free.
+        let q = json!({"queries": [{"sql": format!("SELECT district, COUNT(*) AS n{hour} FROM trips GROUP BY district"), "epsilon": 0.5}]});
         let (_, job) = s
             .call(
                 Method::POST,

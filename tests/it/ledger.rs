@@ -36,7 +36,13 @@ fn one_query_module(epsilon: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_clients_racing_one_cap_get_exactly_what_fits() {
-    let s = Server::start_with(|c| c.limits.concurrent_jobs = 32).await;
+    // Every job asks the same query: with reuse, later ones would take the first's release.
+    // This test is about 32 debits racing one cap, so each is computed and charged.
+    let s = Server::start_with(|c| {
+        c.limits.concurrent_jobs = 32;
+        c.limits.reuse_releases = false;
+    })
+    .await;
     let module = s.upload_ok(&one_query_module("0.1")).await;
     // 1.05, not 1.0: ten debits then leave 0.05, so the scenario never becomes `exhausted`
     // and all 32 jobs reach the ledger's check instead of being refused at submission.
@@ -113,9 +119,16 @@ struct Process {
 }
 
 impl Process {
+    /// Every job of these tests asks the same query; `limits.toml` turns reuse off so each is
+    /// computed and charged (what is under test is the ledger across kills).
     fn start(dir: &std::path::Path) -> Process {
+        let policies = dir.join("no-reuse");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("limits.toml"), "reuse_releases = false\n").unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_unseen"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+            .arg(&policies)
+            .arg("--data-dir")
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

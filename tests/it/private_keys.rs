@@ -78,12 +78,13 @@ async fn cells_are_chosen_by_a_noisy_threshold_and_delta_is_capped() {
                 {"sql": cells, "epsilon": 0.5},
                 // Public keys need no δ, and spend none.
                 {"sql": "SELECT district, COUNT(*) AS trips FROM trips GROUP BY district", "epsilon": 0.5, "delta": 1e-6},
-                // Then until δ runs out (each spends what OpenDP's map says, at most 1e-6).
-                {"sql": cells, "epsilon": 0.5, "delta": 1e-6},
-                {"sql": cells, "epsilon": 0.5, "delta": 1e-6},
-                {"sql": cells, "epsilon": 0.5, "delta": 1e-6},
-                {"sql": cells, "epsilon": 0.5, "delta": 1e-6},
-                {"sql": cells, "epsilon": 0.5, "delta": 1e-6},
+                // Then until δ runs out (each spends what OpenDP's map says, at most 1e-6); each a
+                // little different, as the same query again would reuse its release.
+                {"sql": cells, "epsilon": 0.51, "delta": 1e-6},
+                {"sql": cells, "epsilon": 0.52, "delta": 1e-6},
+                {"sql": cells, "epsilon": 0.53, "delta": 1e-6},
+                {"sql": cells, "epsilon": 0.54, "delta": 1e-6},
+                {"sql": cells, "epsilon": 0.55, "delta": 1e-6},
             ]),
         )
         .await;
