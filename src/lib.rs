@@ -35,9 +35,12 @@
 //!
 //! - No type that holds raw rows is `Serialize`; exact aggregates live in
 //!   `engine::ExactAggregate`, which only the gate reads. The only way data reaches a module
-//!   is a [`unseen_guest::Release`], and only [`gate::Gate::release`] builds one.
+//!   is a [`unseen_guest::Release`], and only [`gate::Gate::release`] builds one with rows (a
+//!   dry run's estimate has none; a reused release is an earlier one read back).
 //! - A release exists only after its ledger debit is committed (WAL, `synchronous=FULL`).
-//! - Noise and secure randomness come from OpenDP (with OpenSSL) and ring; nothing here samples.
+//! - Noise and secure randomness come from OpenDP (with OpenSSL) and ring; nothing here samples
+//!   noise. The one other random choice — which *k* rows of a person the gate keeps — draws
+//!   from rand's `StdRng` seeded per query from ring (`gate/bound.rs`).
 //! - Clients never see a DataFusion or wasmtime error string that ran over data: those become
 //!   fixed messages with stable codes.
 

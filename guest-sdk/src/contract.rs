@@ -139,6 +139,10 @@ pub enum ColumnKind {
     Count,
     Sum,
     Mean,
+    /// `VAR_POP`/`VAR_SAMP`/`VARIANCE` of a clamped column: the population variance.
+    Variance,
+    /// `STDDEV_POP`/`STDDEV_SAMP`/`STDDEV` of a clamped column: the population deviation.
+    StdDev,
 }
 
 /// A cell of a released table.

@@ -287,8 +287,33 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     step(
         8,
-        "Developer submits a job: Q1 (trips and fare sums per district, ε = 1.0) through the gate",
+        "Developer prices the job with a dry run (no data read, nothing spent), then submits it: Q1 (trips and fare sums per district, ε = 1.0) through the gate",
     );
+    let dry = client
+        .call(Method::POST, "/v1/jobs", &dev_token, Some(json!({"scenario_id": scenario_id, "module": module_id, "entry": "main", "params": {"epsilon": 1.0}, "dry_run": true})))
+        .await?;
+    for answer in dry["answers"].as_array().into_iter().flatten() {
+        let columns = answer["estimate"]["columns"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let accuracy: Vec<String> = columns
+            .iter()
+            .filter(|c| c["kind"] != "key")
+            .map(|c| {
+                format!(
+                    "{} ±{:.1}",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["ci95_half_width"].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        println!(
+            "    dry run: would spend ε {:.3}; 95 % intervals {}",
+            answer["estimate"]["epsilon"].as_f64().unwrap_or(f64::NAN),
+            accuracy.join(", ")
+        );
+    }
     let submitted = std::time::Instant::now();
     let job = client
         .call(Method::POST, "/v1/jobs", &dev_token, Some(json!({"scenario_id": scenario_id, "module": module_id, "entry": "main", "params": {"epsilon": 1.0}})))

@@ -188,6 +188,11 @@ impl JobSession {
                 datafusion::functions_aggregate::count::count_udaf(),
                 datafusion::functions_aggregate::sum::sum_udaf(),
                 datafusion::functions_aggregate::average::avg_udaf(),
+                // Planned only: the gate answers these from noisy counts, sums and squares.
+                datafusion::functions_aggregate::variance::var_samp_udaf(),
+                datafusion::functions_aggregate::variance::var_pop_udaf(),
+                datafusion::functions_aggregate::stddev::stddev_udaf(),
+                datafusion::functions_aggregate::stddev::stddev_pop_udaf(),
             ])
             .build();
         let ctx = SessionContext::new_with_state(state);

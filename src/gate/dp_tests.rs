@@ -68,19 +68,31 @@ fn counts_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
     }
 }
 
-/// Laplace on a clamped fixed-point sum: neighbours differ by one row at the upper bound.
+/// Laplace on a clamped fixed-point sum, and on a sum of squared deviations (variances):
+/// neighbours differ by one row at the upper bound.
 #[test]
 fn sums_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
-    let claim = 0.5;
     let fp = 2f64.powi(23);
-    let spec = MeasureSpec::ClampedSum {
+    sums_check(MeasureSpec::ClampedSum {
         expr: lit(0.0),
         column: "fare".into(),
         lo: 0.0,
         hi: 100.0,
         shift: 0.0,
         fixed_point: fp,
-    };
+    });
+    sums_check(MeasureSpec::ClampedSquares {
+        expr: lit(0.0),
+        column: "fare".into(),
+        lo: 0.0,
+        hi: 100.0,
+        shift: 50.0,
+        fixed_point: 2f64.powi(18),
+    });
+}
+
+fn sums_check(spec: MeasureSpec) {
+    let claim = 0.5;
     let (_, top) = spec.fixed_point_bounds();
     let proper = calibrate(&spec, claim, 1).unwrap();
     let broken = calibrate(&spec, 2.0 * claim, 1).unwrap();

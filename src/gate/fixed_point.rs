@@ -20,16 +20,19 @@ pub(crate) struct FixedPoint {
     hi: f64,
     shift: f64,
     scale: f64,
+    /// Square the shifted value before scaling (for sums of squares).
+    square: bool,
     signature: Signature,
 }
 
 impl FixedPoint {
-    pub(crate) fn new(lo: f64, hi: f64, shift: f64, scale: f64) -> Self {
+    pub(crate) fn new(lo: f64, hi: f64, shift: f64, scale: f64, square: bool) -> Self {
         FixedPoint {
             lo,
             hi,
             shift,
             scale,
+            square,
             signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
         }
     }
@@ -43,11 +46,23 @@ impl FixedPoint {
         } else {
             x.clamp(self.lo, self.hi)
         };
-        ((c - self.shift) * self.scale) as i64
+        let d = c - self.shift;
+        if self.square {
+            ((d * d) * self.scale) as i64
+        } else {
+            (d * self.scale) as i64
+        }
     }
 
-    fn bits(&self) -> [u64; 4] {
-        [self.lo, self.hi, self.shift, self.scale].map(f64::to_bits)
+    fn bits(&self) -> [u64; 5] {
+        [
+            self.lo,
+            self.hi,
+            self.shift,
+            self.scale,
+            if self.square { 1.0 } else { 0.0 },
+        ]
+        .map(f64::to_bits)
     }
 }
 
@@ -98,12 +113,15 @@ mod tests {
 
     #[test]
     fn values_are_clamped_shifted_scaled_and_truncated() {
-        let f = FixedPoint::new(0.0, 100.0, 50.0, 4.0);
+        let f = FixedPoint::new(0.0, 100.0, 50.0, 4.0, false);
         assert_eq!(f.convert(-3.0), -200);
         assert_eq!(f.convert(1e300), 200);
         assert_eq!(f.convert(f64::NAN), -200);
         assert_eq!(f.convert(f64::INFINITY), 200);
         assert_eq!(f.convert(50.3), 1); // 1.2 truncates to 1
         assert_eq!(f.convert(49.7), -1); // −1.2 truncates toward zero
+        let sq = FixedPoint::new(0.0, 100.0, 50.0, 4.0, true);
+        assert_eq!(sq.convert(-3.0), 10_000); // (0 − 50)² · 4
+        assert_eq!(sq.convert(52.0), 16);
     }
 }

@@ -551,7 +551,10 @@ impl Gate {
         };
         let epsilon: f64 = calibrated.iter().flatten().map(|c| c.epsilon).sum::<f64>()
             + threshold.as_ref().map_or(0.0, |t| t.epsilon);
-        let delta = threshold.as_ref().map_or(0.0, |t| t.delta);
+        // As the ledger will record it (a short decimal, never below the mechanism's δ).
+        let delta = threshold
+            .as_ref()
+            .map_or(0.0, |t| crate::ledger::short_decimal_at_least(t.delta));
 
         let mechanism = format!(
             "{}:{}{}",
@@ -754,6 +757,25 @@ impl Gate {
                                 _ => Value::Float(v),
                             }
                         }
+                        OutputSpec::Spread {
+                            sum, squares, kind, ..
+                        } => {
+                            // Var = E[d²] − E[d]² for d = x − midpoint, from the noisy count,
+                            // sum and sum of squares; clamped to what bounded data allows.
+                            let n = (counts[g] as f64).max(1.0);
+                            let s = &shape.measures[*sum];
+                            let q = &shape.measures[*squares];
+                            let mean = noisy[*sum][g] as f64 / s.fixed_point() / n;
+                            let mean_square = noisy[*squares][g] as f64 / q.fixed_point() / n;
+                            let (lo, hi) = s.bounds();
+                            let most = ((hi - lo) / 2.0).powi(2);
+                            let variance = (mean_square - mean * mean).clamp(0.0, most);
+                            Value::Float(if *kind == ColumnKind::StdDev {
+                                variance.sqrt()
+                            } else {
+                                variance
+                            })
+                        }
                     })
                     .collect()
             })
@@ -786,6 +808,25 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
                 noise_scale: None,
                 ci95_half_width: None,
             },
+            OutputSpec::Spread {
+                name,
+                squares,
+                kind,
+                ..
+            } => {
+                // The noise on the sum of squared deviations, in squared units (divide by the
+                // group's count for its share in the variance).
+                let scale = match pricing.calibrated.get(*squares) {
+                    Some(Some(c)) => c.scale / shape.measures[*squares].fixed_point(),
+                    _ => 0.0,
+                };
+                ReleasedColumn {
+                    name: name.clone(),
+                    kind: *kind,
+                    noise_scale: Some(scale),
+                    ci95_half_width: Some(scale * 20f64.ln()),
+                }
+            }
             OutputSpec::Measure {
                 name,
                 measure,
@@ -884,6 +925,14 @@ fn calibrate(
     let rows = u32::try_from(rows_per_unit)
         .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
     let d_in: i64 = match spec {
+        MeasureSpec::Distinct { .. } => {
+            let t: Transformation<_, SymmetricDistance, AtomDomain<i64>, AbsoluteDistance<i64>> =
+                opendp::transformations::make_count_distinct::<i64, i64>(
+                    VectorDomain::new(AtomDomain::default()),
+                    SymmetricDistance,
+                )?;
+            t.map(&rows)?
+        }
         MeasureSpec::Rows | MeasureSpec::NonNull { .. } => {
             let t: Transformation<_, SymmetricDistance, AtomDomain<i64>, AbsoluteDistance<i64>> =
                 opendp::transformations::make_count::<i64, i64>(
@@ -892,7 +941,7 @@ fn calibrate(
                 )?;
             t.map(&rows)?
         }
-        MeasureSpec::ClampedSum { .. } => {
+        MeasureSpec::ClampedSum { .. } | MeasureSpec::ClampedSquares { .. } => {
             let (lo, hi) = spec.fixed_point_bounds();
             let t = opendp::transformations::make_sum::<SymmetricDistance, i64>(
                 VectorDomain::new(AtomDomain::new_closed((lo, hi))?),

@@ -5,7 +5,7 @@
 
 use arrow::datatypes::DataType;
 use datafusion::common::DFSchema;
-use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit,
 };
@@ -34,8 +34,21 @@ pub enum MeasureSpec {
     Rows,
     /// Non-null values of an expression per group (`COUNT(col)`).
     NonNull { expr: Expr, label: String },
+    /// Distinct non-null values of an expression per group (`COUNT(DISTINCT col)`): one row
+    /// changes one group's count by at most one, as for `COUNT`.
+    Distinct { expr: Expr, label: String },
     /// Σ trunc((clamp(x, lo, hi) − shift) · fixed_point) per group, as an integer.
     ClampedSum {
+        expr: Expr,
+        column: String,
+        lo: f64,
+        hi: f64,
+        shift: f64,
+        fixed_point: f64,
+    },
+    /// Σ trunc((clamp(x, lo, hi) − shift)² · fixed_point) per group (for variances; `shift` is
+    /// the midpoint, so each term lies in [0, ((hi − lo)/2)² · fixed_point]).
+    ClampedSquares {
         expr: Expr,
         column: String,
         lo: f64,
@@ -50,6 +63,7 @@ impl MeasureSpec {
         match self {
             MeasureSpec::Rows => "count".into(),
             MeasureSpec::NonNull { label, .. } => format!("count({label})"),
+            MeasureSpec::Distinct { label, .. } => format!("count(distinct {label})"),
             MeasureSpec::ClampedSum {
                 column,
                 lo,
@@ -60,26 +74,34 @@ impl MeasureSpec {
             MeasureSpec::ClampedSum { column, lo, hi, .. } => {
                 format!("sum({column} in [{lo}, {hi}])")
             }
+            MeasureSpec::ClampedSquares { column, lo, hi, .. } => {
+                format!("squares({column} in [{lo}, {hi}])")
+            }
         }
     }
 
     pub fn fixed_point(&self) -> f64 {
         match self {
-            MeasureSpec::ClampedSum { fixed_point, .. } => *fixed_point,
+            MeasureSpec::ClampedSum { fixed_point, .. }
+            | MeasureSpec::ClampedSquares { fixed_point, .. } => *fixed_point,
             _ => 1.0,
         }
     }
 
     pub fn shift(&self) -> f64 {
         match self {
-            MeasureSpec::ClampedSum { shift, .. } => *shift,
+            MeasureSpec::ClampedSum { shift, .. } | MeasureSpec::ClampedSquares { shift, .. } => {
+                *shift
+            }
             _ => 0.0,
         }
     }
 
     pub fn bounds(&self) -> (f64, f64) {
         match self {
-            MeasureSpec::ClampedSum { lo, hi, .. } => (*lo, *hi),
+            MeasureSpec::ClampedSum { lo, hi, .. } | MeasureSpec::ClampedSquares { lo, hi, .. } => {
+                (*lo, *hi)
+            }
             _ => (f64::NEG_INFINITY, f64::INFINITY),
         }
     }
@@ -100,6 +122,18 @@ impl MeasureSpec {
                 ((lo - shift) * fixed_point).trunc() as i64,
                 ((hi - shift) * fixed_point).trunc() as i64,
             ),
+            // The square of the largest deviation, computed as the kernel computes each term
+            // (subtract, multiply, scale, truncate: monotone in |deviation| in IEEE arithmetic).
+            MeasureSpec::ClampedSquares {
+                lo,
+                hi,
+                shift,
+                fixed_point,
+                ..
+            } => {
+                let d = (lo - shift).abs().max((hi - shift).abs());
+                (0, ((d * d) * fixed_point).trunc() as i64)
+            }
             _ => (0, 1),
         }
     }
@@ -109,6 +143,7 @@ impl MeasureSpec {
         Ok(match self {
             MeasureSpec::Rows => count(lit(1i64)).alias(name),
             MeasureSpec::NonNull { expr, .. } => count(expr.clone()).alias(name),
+            MeasureSpec::Distinct { expr, .. } => count_distinct(expr.clone()).alias(name),
             MeasureSpec::ClampedSum {
                 expr,
                 lo,
@@ -122,7 +157,21 @@ impl MeasureSpec {
                 // below the noise, and is cheaper than rounding.
                 let x = cast(expr.clone(), DataType::Float64);
                 let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
-                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point),
+                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, false),
+                );
+                sum(udf.call(vec![x])).alias(name)
+            }
+            MeasureSpec::ClampedSquares {
+                expr,
+                lo,
+                hi,
+                shift,
+                fixed_point,
+                ..
+            } => {
+                let x = cast(expr.clone(), DataType::Float64);
+                let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
+                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, true),
                 );
                 sum(udf.call(vec![x])).alias(name)
             }
@@ -148,6 +197,14 @@ pub enum OutputSpec {
     Measure {
         name: String,
         measure: usize,
+        kind: ColumnKind,
+    },
+    /// A variance or standard deviation from three noisy measurements: the row count
+    /// (measure 0), the midpoint-shifted sum `sum` and the sum of squares `squares`.
+    Spread {
+        name: String,
+        sum: usize,
+        squares: usize,
         kind: ColumnKind,
     },
 }
@@ -251,7 +308,7 @@ fn refuse(code: &'static str, message: impl Into<String>) -> GateError {
     GateError::refused(code, message)
 }
 
-const SHAPE_HINT: &str = "write SELECT <public keys>, COUNT(*) | COUNT(col) | SUM(col) | AVG(col) FROM <table> [WHERE …] GROUP BY <public keys>, and post-process the released table in your module";
+const SHAPE_HINT: &str = "write SELECT <public keys>, COUNT(*) | COUNT(col) | SUM(col) | AVG(col) | VAR(col) | STDDEV(col) FROM <table> [WHERE …] GROUP BY <public keys>, and post-process the released table in your module";
 
 const HAVING_HINT: &str =
     "HAVING filters on exact aggregates; filter the released table in your module instead";
@@ -351,20 +408,33 @@ pub fn analyse(
             ));
         };
         let p = &af.params;
-        if p.distinct || p.filter.is_some() || !p.order_by.is_empty() {
+        let name = af.func.name().to_ascii_lowercase();
+        if (p.distinct && name != "count") || p.filter.is_some() || !p.order_by.is_empty() {
             return Err(refuse(
                 "unsupported_aggregate",
-                format!("{e}: DISTINCT, FILTER and ORDER BY inside aggregates are not supported"),
+                format!(
+                    "{e}: DISTINCT (except in COUNT), FILTER and ORDER BY inside aggregates are not supported"
+                ),
             ));
         }
-        let name = af.func.name().to_ascii_lowercase();
         let arg = p.args.first();
         // DataFusion 55's SQL planner still gives `COUNT(*)` a wildcard argument (deprecated
         // for plans built by hand), so it is matched here as a row count.
         #[allow(deprecated)]
         let out = match (name.as_str(), arg) {
             ("count", None) | ("count", Some(Expr::Literal(..) | Expr::Wildcard { .. })) => {
-                (0, ColumnKind::Count)
+                (0, ColumnKind::Count, None)
+            }
+            ("count", Some(x)) if p.distinct => {
+                check_expr(x, schema)?;
+                (
+                    add(MeasureSpec::Distinct {
+                        expr: x.clone(),
+                        label: x.to_string(),
+                    }),
+                    ColumnKind::Count,
+                    None,
+                )
             }
             ("count", Some(x)) => {
                 check_expr(x, schema)?;
@@ -374,12 +444,13 @@ pub fn analyse(
                         label: x.to_string(),
                     }),
                     ColumnKind::Count,
+                    None,
                 )
             }
-            ("sum" | "avg", Some(x)) => {
+            ("sum" | "avg" | "var" | "var_pop" | "stddev" | "stddev_pop", Some(x)) => {
                 check_expr(x, schema)?;
                 let column = column_of(x).ok_or_else(|| {
-                    refuse("unsupported_aggregate", format!("{e}: SUM and AVG take a column; compute other expressions from released values"))
+                    refuse("unsupported_aggregate", format!("{e}: SUM, AVG, VAR and STDDEV take a column; compute other expressions from released values"))
                 })?;
                 if !x.get_type(schema).map(|t| t.is_numeric()).unwrap_or(false) {
                     return Err(refuse(
@@ -400,29 +471,39 @@ pub fn analyse(
                             ),
                         )
                     })?;
-                let (shift, kind) = if name == "avg" {
-                    ((lo + hi) / 2.0, ColumnKind::Mean)
-                } else {
-                    (0.0, ColumnKind::Sum)
+                let (shift, kind) = match name.as_str() {
+                    "sum" => (0.0, ColumnKind::Sum),
+                    "avg" => ((lo + hi) / 2.0, ColumnKind::Mean),
+                    "var" | "var_pop" => ((lo + hi) / 2.0, ColumnKind::Variance),
+                    _ => ((lo + hi) / 2.0, ColumnKind::StdDev),
                 };
-                let fixed_point = fixed_point_for((lo - shift).abs().max((hi - shift).abs()));
-                (
-                    add(MeasureSpec::ClampedSum {
-                        expr: x.clone(),
-                        column,
-                        lo,
-                        hi,
-                        shift,
-                        fixed_point,
-                    }),
-                    kind,
-                )
+                let reach = (lo - shift).abs().max((hi - shift).abs());
+                let sum = add(MeasureSpec::ClampedSum {
+                    expr: x.clone(),
+                    column: column.clone(),
+                    lo,
+                    hi,
+                    shift,
+                    fixed_point: fixed_point_for(reach),
+                });
+                let squares =
+                    matches!(kind, ColumnKind::Variance | ColumnKind::StdDev).then(|| {
+                        add(MeasureSpec::ClampedSquares {
+                            expr: x.clone(),
+                            column,
+                            lo,
+                            hi,
+                            shift,
+                            fixed_point: fixed_point_for(reach * reach),
+                        })
+                    });
+                (sum, kind, squares)
             }
             _ => {
                 return Err(refuse(
                     "unsupported_aggregate",
                     format!(
-                        "{e}: only COUNT, SUM and AVG can be released here (quantiles and others are not built yet)"
+                        "{e}: only COUNT, COUNT(DISTINCT), SUM, AVG, VAR and STDDEV can be released here (quantiles and others are not built yet)"
                     ),
                 ));
             }
@@ -436,11 +517,18 @@ pub fn analyse(
             if i < group_expr.len() {
                 OutputSpec::Key { name, group: i }
             } else {
-                let (measure, kind) = agg_outputs[i - group_expr.len()];
-                OutputSpec::Measure {
-                    name,
-                    measure,
-                    kind,
+                match agg_outputs[i - group_expr.len()] {
+                    (sum, kind, Some(squares)) => OutputSpec::Spread {
+                        name,
+                        sum,
+                        squares,
+                        kind,
+                    },
+                    (measure, kind, None) => OutputSpec::Measure {
+                        name,
+                        measure,
+                        kind,
+                    },
                 }
             }
         })

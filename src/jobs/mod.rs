@@ -126,6 +126,9 @@ pub struct Report {
     /// Every release the module received, in order.
     pub releases: Vec<Release>,
     pub epsilon_spent: f64,
+    /// δ this job spent (releases whose keys were chosen from the data).
+    #[serde(default)]
+    pub delta_spent: f64,
     /// ε left in the scenario after this job (the least left on any of its datasets).
     pub scenario_epsilon_left: f64,
     pub citations: Vec<Citation>,
@@ -553,6 +556,11 @@ impl Runner {
             .filter(|r| !r.release.reused)
             .map(|r| r.release.epsilon)
             .sum();
+        let delta_spent: f64 = released
+            .iter()
+            .filter(|r| !r.release.reused)
+            .map(|r| r.release.delta)
+            .sum();
         let mut left = f64::INFINITY;
         for dataset in scenario.application.columns.keys() {
             let on_dataset = self
@@ -598,6 +606,7 @@ impl Runner {
                 output,
                 releases: released.into_iter().map(|r| r.release).collect(),
                 epsilon_spent: spent,
+                delta_spent,
                 scenario_epsilon_left: left.max(0.0),
                 citations,
                 ledger: LedgerEvidence {

@@ -82,7 +82,7 @@ pub enum Event {
 /// OpenDP's maps have 17 digits, and serde_json's default parser may read such a number back
 /// one unit in the last place off, which would break the entry's hash on verification; a short
 /// decimal parses exactly. Rounding up charges at most 10⁻⁵ of δ more than was spent.
-fn short_decimal_at_least(x: f64) -> f64 {
+pub(crate) fn short_decimal_at_least(x: f64) -> f64 {
     if !(x.is_finite() && x > 0.0) {
         return x;
     }

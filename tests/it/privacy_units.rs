@@ -129,6 +129,8 @@ async fn each_person_contributes_at_most_k_rows_picked_at_random() {
         json!({"sql": "SELECT district, COUNT(*) AS n, SUM(fare) AS s FROM (SELECT fare AS person_id, district, fare FROM people) t GROUP BY district", "epsilon": 0.5}),
         // Raising the bound is refused.
         json!({"sql": q1, "epsilon": 0.5, "max_rows_per_unit": 6}),
+        // Distinct persons per district.
+        json!({"sql": "SELECT district, COUNT(DISTINCT person_id) AS people, COUNT(*) AS n FROM people GROUP BY district", "epsilon": 0.5}),
     ]);
     let (answers, _) = s.ask(&sc, &module, json!(queries)).await;
     let answers = answers.as_array().unwrap();
@@ -161,6 +163,9 @@ async fn each_person_contributes_at_most_k_rows_picked_at_random() {
     let refused = &answers[runs + 3]["error"];
     assert_eq!(refused["code"], "invalid_row_bound", "{refused}");
     assert!(refused["message"].as_str().unwrap().contains("1 to 5"));
+    let [(people1, n1), (people2, _)] = per_district(&answers[runs + 4]);
+    assert_eq!((people1, people2), (1, 100), "{}", answers[runs + 4]);
+    assert_eq!(n1, 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,7 @@ async fn cells_are_chosen_by_a_noisy_threshold_and_delta_is_capped() {
     let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
     let sc = scenario(&s, &module, 2e-6).await;
     let cells = "SELECT cell, COUNT(*) AS trips FROM trips GROUP BY cell";
-    let (answers, _) = s
+    let (answers, report) = s
         .ask(
             &sc,
             &module,
@@ -174,6 +174,12 @@ async fn cells_are_chosen_by_a_noisy_threshold_and_delta_is_capped() {
         .filter_map(|e| e["body"]["delta"].as_f64())
         .sum();
     assert!(spent <= 2e-6 * (1.0 + 1e-9), "{spent}");
+    assert_eq!(
+        report["delta_spent"].as_f64().unwrap(),
+        spent,
+        "{}",
+        report["delta_spent"]
+    );
 
     // A scenario granted no δ releases no private keys.
     let none = scenario(&s, &module, 0.0).await;

@@ -46,7 +46,7 @@ async fn guest_sql_outside_the_scenario_or_the_gate_is_refused() {
         ("SELECT district, COUNT(*) FROM trips WHERE 1 / (hour - 3) > 0 GROUP BY district".into(), &["expression_not_allowed"], "comparisons"),
         ("SELECT t1.district, COUNT(*) FROM trips t1 JOIN trips t2 ON t1.trip_id = t2.trip_id GROUP BY t1.district".into(), &["unsupported_query"], ""),
         ("SELECT district, MAX(fare) FROM trips GROUP BY district".into(), &["unsupported_aggregate", "sql_invalid"], ""),
-        ("SELECT district, COUNT(DISTINCT cell) FROM trips GROUP BY district".into(), &["unsupported_aggregate"], "DISTINCT"),
+        ("SELECT district, SUM(DISTINCT fare) FROM trips GROUP BY district".into(), &["unsupported_aggregate"], "DISTINCT"),
     ];
     let queries: Vec<_> = cases
         .iter()
@@ -118,4 +118,96 @@ async fn means_and_two_key_groupings_release_every_public_key() {
         384
     );
     assert!(released > 0);
+}
+
+/// Exact population variance of fare clamped to [0, 100], and trips, per district.
+fn exact_spread(path: &std::path::Path) -> std::collections::HashMap<String, (f64, usize)> {
+    use arrow::array::{AsArray, Float64Array};
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut fares: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let d = arrow::compute::cast(
+            batch.column_by_name("district").unwrap(),
+            &arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let f = batch.column_by_name("fare").unwrap();
+        let f = f.as_any().downcast_ref::<Float64Array>().unwrap();
+        for (d, f) in d.as_string::<i32>().iter().zip(f.iter()) {
+            fares
+                .entry(d.unwrap().to_string())
+                .or_default()
+                .push(f.unwrap().clamp(0.0, 100.0));
+        }
+    }
+    fares
+        .into_iter()
+        .map(|(d, v)| {
+            let n = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+            (d, (var, v.len()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variances_deviations_and_distinct_counts_are_released_with_their_noise() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "hour", "fare"], 15.0, 15.0)
+        .await;
+    let (answers, _) = s
+        .ask(
+            &scenario,
+            &module,
+            json!([
+                {"sql": "SELECT district, VAR_POP(fare) AS v, STDDEV(fare) AS sd, AVG(fare) AS m FROM trips GROUP BY district", "epsilon": 12.0, "bounds": {"fare": [0, 100]}},
+                {"sql": "SELECT district, COUNT(DISTINCT hour) AS hours FROM trips GROUP BY district", "epsilon": 2.0},
+            ]),
+        )
+        .await;
+    let release = &answers[0]["release"];
+    let rows = release["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answers}"));
+    // Count, shifted sum and sum of squares: three measurements at ε 4 each; the squares'
+    // noise is in squared units: a deviation of at most 50, squared, over ε 4.
+    assert_eq!(release["columns"][1]["kind"], "variance");
+    assert_eq!(release["columns"][2]["kind"], "std_dev");
+    let scale = release["columns"][1]["noise_scale"].as_f64().unwrap();
+    assert!((scale - 2500.0 / 4.0).abs() < 1e-3, "{scale}");
+    let exact = exact_spread(&s.data_path());
+    for row in rows {
+        let district = row[0].as_str().unwrap();
+        let (var, n) = exact[district];
+        let (v, sd) = (row[1].as_f64().unwrap(), row[2].as_f64().unwrap());
+        // Noise on the squares is Laplace(625) over n ≥ ~300 trips: off by 20 with
+        // probability e^-10 or less.
+        assert!((v - var).abs() < 20.0, "{district} (n = {n}): {v} vs {var}");
+        assert!(
+            (sd - var.sqrt()).abs() < 1.0,
+            "{district}: {sd} vs {}",
+            var.sqrt()
+        );
+        assert!(
+            (sd * sd - v).abs() < 25.0,
+            "the same measurements behind both"
+        );
+    }
+    let hours = &answers[1]["release"];
+    assert_eq!(hours["columns"][1]["kind"], "count");
+    // ε 2 over the row count (always measured, for the minimum group size) and the distinct
+    // count: scale 1 for each.
+    assert!((hours["columns"][1]["noise_scale"].as_f64().unwrap() - 1.0).abs() < 1e-6);
+    for row in hours["rows"].as_array().unwrap() {
+        let h = row[1].as_i64().unwrap();
+        assert!((12..=36).contains(&h), "{row}: 24 hours, noise of scale 1");
+    }
 }
