@@ -326,6 +326,25 @@ pub struct Caps {
     pub dataset_delta: f64,
 }
 
+/// The running totals under `keys`, read inside `tx` (0 where none was written yet).
+fn totals_in<const N: usize>(
+    tx: &Transaction<'_>,
+    keys: [(&'static str, String); N],
+) -> Result<[f64; N], LedgerError> {
+    let mut out = [0.0; N];
+    for (slot, (level, key)) in out.iter_mut().zip(keys) {
+        *slot = tx
+            .query_row(
+                "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
+                params![level, key],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
 /// The δ totals a reservation is checked against: scenario (within the dataset), dataset.
 fn delta_keys(scenario: &str, dataset: &str) -> [(&'static str, String); 2] {
     [
@@ -610,36 +629,12 @@ impl Ledger {
         let ((), mut entries) = self.transact(|tx| {
             let caps = Self::grant_in(tx, r.scenario_id, r.dataset_id)?
                 .ok_or_else(|| LedgerError::NoGrant(r.dataset_id.to_string()))?;
-            let mut spent = [0.0; 4];
-            for (i, (level, key)) in
-                total_keys(r.job_id, r.scenario_id, r.developer_id, r.dataset_id)
-                    .into_iter()
-                    .enumerate()
-            {
-                spent[i] = tx
-                    .query_row(
-                        "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
-                        params![level, key],
-                        |row| row.get(0),
-                    )
-                    .optional()?
-                    .unwrap_or(0.0);
-            }
+            let spent = totals_in(
+                tx,
+                total_keys(r.job_id, r.scenario_id, r.developer_id, r.dataset_id),
+            )?;
             check_caps(&caps, spent, r.epsilon)?;
-            let mut spent_delta = [0.0; 2];
-            for (i, (level, key)) in delta_keys(r.scenario_id, r.dataset_id)
-                .into_iter()
-                .enumerate()
-            {
-                spent_delta[i] = tx
-                    .query_row(
-                        "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
-                        params![level, key],
-                        |row| row.get(0),
-                    )
-                    .optional()?
-                    .unwrap_or(0.0);
-            }
+            let spent_delta = totals_in(tx, delta_keys(r.scenario_id, r.dataset_id))?;
             check_delta(&caps, spent_delta, delta)?;
             Ok::<_, LedgerError>((
                 (),

@@ -67,29 +67,11 @@ async fn register(s: &Server, id: &str, open: &str) {
 
 /// A scenario over `district` and `fare` only: the guest never names person_id.
 async fn scenario(s: &Server, module: &str, dataset: &str) -> String {
-    let (status, body) = s
-        .call(
-            Method::POST,
-            "/v1/scenarios",
-            &s.developer,
-            Some(
-                json!({"purpose": "units", "columns": {dataset: ["district", "fare"]},
-                "modules": [module], "epsilon": 50.0, "per_job_epsilon": 50.0}),
-            ),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let id = body["id"].as_str().unwrap().to_string();
-    let (status, body) = s
-        .call(
-            Method::POST,
-            &format!("/v1/scenarios/{id}/approve"),
-            &s.operator,
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    id
+    s.approved_application(
+        json!({"purpose": "units", "columns": {dataset: ["district", "fare"]},
+        "modules": [module], "epsilon": 50.0, "per_job_epsilon": 50.0}),
+    )
+    .await
 }
 
 /// (count, sum) of D01 and D02 from one exact release of `SELECT district, COUNT(*), SUM(fare)`.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::Server;
@@ -33,29 +33,11 @@ fn exact_cells(path: &std::path::Path) -> HashMap<String, i64> {
 }
 
 async fn scenario(s: &Server, module: &str, delta: f64) -> String {
-    let (status, body) = s
-        .call(
-            Method::POST,
-            "/v1/scenarios",
-            &s.developer,
-            Some(
-                json!({"purpose": "cells", "columns": {"trips": ["cell", "district"]},
-                "modules": [module], "epsilon": 10.0, "per_job_epsilon": 10.0, "delta": delta}),
-            ),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let id = body["id"].as_str().unwrap().to_string();
-    let (status, body) = s
-        .call(
-            Method::POST,
-            &format!("/v1/scenarios/{id}/approve"),
-            &s.operator,
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    id
+    s.approved_application(
+        json!({"purpose": "cells", "columns": {"trips": ["cell", "district"]},
+        "modules": [module], "epsilon": 10.0, "per_job_epsilon": 10.0, "delta": delta}),
+    )
+    .await
 }
 
 fn code(answer: &Value) -> &str {

@@ -137,18 +137,24 @@ impl Server {
         epsilon: f64,
         per_job: f64,
     ) -> String {
+        self.approved_application(json!({
+            "purpose": "testing",
+            "columns": {"trips": columns},
+            "modules": [module],
+            "epsilon": epsilon,
+            "per_job_epsilon": per_job,
+        }))
+        .await
+    }
+
+    /// Applies with `application` as the developer; the operator approves it as it is.
+    pub async fn approved_application(&self, application: Value) -> String {
         let (status, body) = self
             .call(
                 Method::POST,
                 "/v1/scenarios",
                 &self.developer,
-                Some(json!({
-                    "purpose": "testing",
-                    "columns": {"trips": columns},
-                    "modules": [module],
-                    "epsilon": epsilon,
-                    "per_job_epsilon": per_job,
-                })),
+                Some(application),
             )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
