@@ -151,7 +151,7 @@ impl Selection {
         let keys = self.keys(unit)?;
         let rows = arrow::compute::cast(rows, &DataType::Int64)?;
         let rows = rows.as_primitive::<Int64Type>();
-        let mut state = self.state.lock().expect("selection lock");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.persons.reserve(keys.len());
         for (key, n) in keys.into_iter().zip(rows.iter()) {
             if let (Some(key), Some(n)) = (key, n) {
@@ -168,7 +168,7 @@ impl Selection {
     pub(super) fn keep(&self, unit: &ArrayRef, wanted: &BooleanArray) -> Result<BooleanArray> {
         let keys = self.keys(unit)?;
         let k = self.max_rows;
-        let mut state = self.state.lock().expect("selection lock");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let SelectionState { persons, rng } = &mut *state;
         Ok(keys
             .into_iter()

@@ -20,13 +20,9 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array};
 use datafusion::logical_expr::lit;
-use opendp::domains::{AtomDomain, MapDomain};
-use opendp::measurements::make_laplace_threshold;
-use opendp::measures::{Approximate, MaxDivergence};
-use opendp::metrics::{AbsoluteDistance, L0PInfDistance};
 
 use super::bound::Selection;
-use super::{MeasureSpec, calibrate, calibrate_threshold};
+use super::{MeasureSpec, calibrate, calibrate_threshold, threshold_mechanism};
 
 const N: usize = 20_000;
 const Z: f64 = 3.72;
@@ -80,14 +76,16 @@ fn sums_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
         hi: 100.0,
         shift: 0.0,
         fixed_point: fp,
+        squared: false,
     });
-    sums_check(MeasureSpec::ClampedSquares {
+    sums_check(MeasureSpec::ClampedSum {
         expr: lit(0.0),
         column: "fare".into(),
         lo: 0.0,
         hi: 100.0,
         shift: 50.0,
         fixed_point: 2f64.powi(18),
+        squared: true,
     });
 }
 
@@ -165,17 +163,7 @@ fn poisson_tail(mean: f64, hits: usize) -> f64 {
 fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught() {
     let (claim, delta) = (0.5, 1e-6);
     let proper = calibrate_threshold(claim, delta, 1, 0).unwrap();
-    let low = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-        MapDomain::new(
-            AtomDomain::<String>::default(),
-            AtomDomain::<i64>::default(),
-        ),
-        L0PInfDistance(AbsoluteDistance::<i64>::default()),
-        proper.scale,
-        1,
-        None,
-    )
-    .unwrap();
+    let low = threshold_mechanism(proper.scale, 1).unwrap();
     for (m, should_pass) in [(&proper.measurement, true), (&low, false)] {
         // N datasets of one row in a fresh key each, at once: keys are noised independently.
         let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();

@@ -21,18 +21,18 @@ pub(crate) struct FixedPoint {
     shift: f64,
     scale: f64,
     /// Square the shifted value before scaling (for sums of squares).
-    square: bool,
+    squared: bool,
     signature: Signature,
 }
 
 impl FixedPoint {
-    pub(crate) fn new(lo: f64, hi: f64, shift: f64, scale: f64, square: bool) -> Self {
+    pub(crate) fn new(lo: f64, hi: f64, shift: f64, scale: f64, squared: bool) -> Self {
         FixedPoint {
             lo,
             hi,
             shift,
             scale,
-            square,
+            squared,
             signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
         }
     }
@@ -47,28 +47,24 @@ impl FixedPoint {
             x.clamp(self.lo, self.hi)
         };
         let d = c - self.shift;
-        if self.square {
+        if self.squared {
             ((d * d) * self.scale) as i64
         } else {
             (d * self.scale) as i64
         }
     }
 
-    fn bits(&self) -> [u64; 5] {
-        [
-            self.lo,
-            self.hi,
-            self.shift,
-            self.scale,
-            if self.square { 1.0 } else { 0.0 },
-        ]
-        .map(f64::to_bits)
+    fn key(&self) -> ([u64; 4], bool) {
+        (
+            [self.lo, self.hi, self.shift, self.scale].map(f64::to_bits),
+            self.squared,
+        )
     }
 }
 
 impl PartialEq for FixedPoint {
     fn eq(&self, other: &Self) -> bool {
-        self.bits() == other.bits()
+        self.key() == other.key()
     }
 }
 
@@ -76,7 +72,7 @@ impl Eq for FixedPoint {}
 
 impl Hash for FixedPoint {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.bits().hash(state);
+        self.key().hash(state);
     }
 }
 

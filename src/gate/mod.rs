@@ -158,8 +158,7 @@ pub struct Gate {
 
 /// One noisy measurement's calibration, all from OpenDP.
 struct Calibrated {
-    measurement:
-        Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>,
+    measurement: LaplaceMeasurement,
     /// Laplace scale in fixed-point units.
     scale: f64,
     epsilon: f64,
@@ -292,12 +291,15 @@ impl Gate {
         let (epsilon, delta) = (pricing.epsilon, pricing.delta);
         // Asked and paid for before in this scenario, over the same version of the data: the
         // same release again, for nothing (re-showing a release is post-processing).
-        let cache_key = self.cache_key(grant, &dataset_id, request)?;
-        if self.reuse
-            && let Some(reused) = self.cached(&grant.scenario.id, &cache_key)?
-        {
-            return Ok(reused);
-        }
+        let cache_key = if self.reuse {
+            let key = self.cache_key(grant, &dataset_id, request)?;
+            if let Some(reused) = self.cached(&grant.scenario.id, &key)? {
+                return Ok(reused);
+            }
+            Some(key)
+        } else {
+            None
+        };
         let scenario = &grant.scenario;
         let reservation = self.ledger.reserve(&Reservation {
             job_id: &grant.job_id,
@@ -318,13 +320,15 @@ impl Gate {
             Ok(release) => {
                 // The commit is durable before the release leaves the gate.
                 let commit = self.ledger.commit(&reservation, true, "released")?;
-                self.remember(
-                    &scenario.id,
-                    &cache_key,
-                    &release,
-                    reservation.body.seq,
-                    commit.body.seq,
-                );
+                if let Some(key) = &cache_key {
+                    self.remember(
+                        &scenario.id,
+                        key,
+                        &release,
+                        reservation.body.seq,
+                        commit.body.seq,
+                    );
+                }
                 Ok(Released {
                     release,
                     reservation: reservation.body.seq,
@@ -606,12 +610,12 @@ impl Gate {
         let scenario = &grant.scenario;
         // Person-level data: pass 1 counts each person's rows, pass 2 (inside the aggregate
         // plan) keeps a random k of them.
-        let selection = match (shape.unit_count_plan()?, &shape.unit) {
-            (Some(count_plan), Some(unit)) => {
-                let counts = grant.session.execute(count_plan).await?;
+        let selection = match &shape.unit {
+            Some(unit) => {
+                let counts = grant.session.execute(shape.unit_count_plan(unit)?).await?;
                 Some(bound::selection(unit, &counts.0)?)
             }
-            _ => None,
+            None => None,
         };
         let exact = grant
             .session
@@ -937,7 +941,7 @@ fn calibrate(
                 )?;
             t.map(&rows)?
         }
-        MeasureSpec::ClampedSum { .. } | MeasureSpec::ClampedSquares { .. } => {
+        MeasureSpec::ClampedSum { .. } => {
             let (lo, hi) = spec.fixed_point_bounds();
             let t = opendp::transformations::make_sum::<SymmetricDistance, i64>(
                 VectorDomain::new(AtomDomain::new_closed((lo, hi))?),
@@ -948,12 +952,7 @@ fn calibrate(
     };
     let mut scale = (d_in as f64 / epsilon).max(f64::MIN_POSITIVE);
     for _ in 0..16 {
-        let m = make_laplace(
-            VectorDomain::new(AtomDomain::<i64>::default()),
-            L1Distance::<i64>::default(),
-            scale,
-            None,
-        )?;
+        let m = laplace_mechanism(scale)?;
         let spent = m.map(&d_in)?;
         if spent <= epsilon {
             return Ok(Calibrated {
@@ -973,73 +972,92 @@ fn calibrate(
 /// so thousands of groups cost more than the aggregate that produced them.
 const PARALLEL_DRAWS: usize = 1024;
 
+type LaplaceMeasurement =
+    Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>;
+
+/// OpenDP's Laplace mechanism on integer vectors at `scale`: the one place it is built.
+fn laplace_mechanism(scale: f64) -> opendp::error::Fallible<LaplaceMeasurement> {
+    make_laplace(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        L1Distance::<i64>::default(),
+        scale,
+        None,
+    )
+}
+
+/// OpenDP's Laplace threshold mechanism on counts per key: the one place it is built.
+fn threshold_mechanism(
+    scale: f64,
+    threshold: i64,
+) -> opendp::error::Fallible<ThresholdMeasurement> {
+    make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+        MapDomain::new(
+            AtomDomain::<String>::default(),
+            AtomDomain::<i64>::default(),
+        ),
+        L0PInfDistance(AbsoluteDistance::<i64>::default()),
+        scale,
+        threshold,
+        None,
+    )
+}
+
+/// Runs `theirs` on a second core while `mine` runs on this one.
+fn on_two_cores<A, B: Send>(
+    mine: impl FnOnce() -> A,
+    theirs: impl FnOnce() -> B + Send,
+) -> Result<(A, B), GateError> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(theirs);
+        let mine = mine();
+        let theirs = handle
+            .join()
+            .map_err(|_| GateError::Mechanism("a noise thread failed".into()))?;
+        Ok((mine, theirs))
+    })
+}
+
+// From `PARALLEL_DRAWS` groups up, noise is drawn on both cores: each group gets independent
+// noise (and, under a threshold, its own keep-or-drop), so two instances of the same mechanism
+// (built with the same arguments) over two halves give the same distribution as one call over
+// everything, at the same ε and δ.
+
 impl Calibrated {
-    /// The measurement applied to `values`. Each coordinate gets independent noise, so noising
-    /// two halves with two instances of the same mechanism (same scale, built the same way)
-    /// is the same distribution as one call over the whole vector, and costs the same ε.
+    /// The measurement applied to `values`.
     fn draw(&self, values: &[i64]) -> Result<Vec<i64>, GateError> {
         if values.len() < PARALLEL_DRAWS {
             return Ok(self.measurement.invoke(&values.to_vec())?);
         }
         let (left, right) = values.split_at(values.len() / 2);
         let scale = self.scale;
-        let other = std::thread::scope(|scope| {
-            let handle = scope.spawn(move || -> Result<Vec<i64>, GateError> {
-                let m = make_laplace(
-                    VectorDomain::new(AtomDomain::<i64>::default()),
-                    L1Distance::<i64>::default(),
-                    scale,
-                    None,
-                )?;
-                Ok(m.invoke(&right.to_vec())?)
-            });
-            let mine = self.measurement.invoke(&left.to_vec());
-            (mine, handle.join())
-        });
-        let (mine, theirs) = other;
+        let (mine, theirs) = on_two_cores(
+            || self.measurement.invoke(&left.to_vec()),
+            move || laplace_mechanism(scale)?.invoke(&right.to_vec()),
+        )?;
         let mut out = mine?;
-        out.extend(theirs.map_err(|_| GateError::Mechanism("a noise thread failed".into()))??);
+        out.extend(theirs?);
         Ok(out)
     }
 }
 
 impl Threshold {
-    /// The threshold mechanism applied to `counts`, on both cores for many groups: each key is
-    /// noised and kept or dropped independently of the others, so two instances over two
-    /// halves of the keys release what one over all of them would.
+    /// The threshold mechanism applied to `counts`.
     fn draw(&self, counts: HashMap<String, i64>) -> Result<HashMap<String, i64>, GateError> {
         if counts.len() < PARALLEL_DRAWS {
             return Ok(self.measurement.invoke(&counts)?);
         }
-        let half = counts.len() / 2;
-        let mut left = counts;
-        let right: HashMap<String, i64> = left
-            .keys()
-            .take(half)
-            .cloned()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter_map(|k| left.remove_entry(&k))
-            .collect();
-        let (scale, threshold) = (self.scale, self.threshold);
-        let (mine, theirs) = std::thread::scope(|scope| {
-            let handle = scope.spawn(move || -> Result<HashMap<String, i64>, GateError> {
-                let m = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-                    MapDomain::new(
-                        AtomDomain::<String>::default(),
-                        AtomDomain::<i64>::default(),
-                    ),
-                    L0PInfDistance(AbsoluteDistance::<i64>::default()),
-                    scale,
-                    threshold,
-                    None,
-                )?;
-                Ok(m.invoke(&right)?)
-            });
-            (self.measurement.invoke(&left), handle.join())
+        let mut i = 0usize;
+        let (left, right): (HashMap<_, _>, HashMap<_, _>) = counts.into_iter().partition(|_| {
+            i += 1;
+            i % 2 == 0
         });
+        let (scale, threshold) = (self.scale, self.threshold);
+        let (mine, theirs) = on_two_cores(
+            || self.measurement.invoke(&left),
+            move || threshold_mechanism(scale, threshold)?.invoke(&right),
+        )?;
         let mut out = mine?;
-        out.extend(theirs.map_err(|_| GateError::Mechanism("a noise thread failed".into()))??);
+        out.extend(theirs?);
         Ok(out)
     }
 }
@@ -1074,18 +1092,7 @@ fn calibrate_threshold(
     let k = u32::try_from(rows_per_unit)
         .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
     let d_in = (k, i64::from(k), i64::from(k));
-    let make = |scale: f64, threshold: i64| {
-        make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-            MapDomain::new(
-                AtomDomain::<String>::default(),
-                AtomDomain::<i64>::default(),
-            ),
-            L0PInfDistance(AbsoluteDistance::<i64>::default()),
-            scale,
-            threshold,
-            None,
-        )
-    };
+    let make = threshold_mechanism;
     const HIGHEST: i64 = 1 << 40;
     let mut scale = (f64::from(k) / epsilon).max(f64::MIN_POSITIVE);
     let mut fitted = None;
@@ -1221,6 +1228,7 @@ mod tests {
             hi: 100.0,
             shift: 0.0,
             fixed_point: fp,
+            squared: false,
         };
         let c = calibrate(&spec, 0.5, 1).unwrap();
         // 100 per row, in fixed-point units, over ε = 0.5.

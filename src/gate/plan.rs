@@ -37,7 +37,9 @@ pub enum MeasureSpec {
     /// Distinct non-null values of an expression per group (`COUNT(DISTINCT col)`): one row
     /// changes one group's count by at most one, as for `COUNT`.
     Distinct { expr: Expr, label: String },
-    /// Σ trunc((clamp(x, lo, hi) − shift) · fixed_point) per group, as an integer.
+    /// Σ trunc((clamp(x, lo, hi) − shift) · fixed_point) per group, as an integer; with
+    /// `squared`, Σ trunc((clamp(x, lo, hi) − shift)² · fixed_point) (for variances, with
+    /// `shift` the midpoint).
     ClampedSum {
         expr: Expr,
         column: String,
@@ -45,16 +47,7 @@ pub enum MeasureSpec {
         hi: f64,
         shift: f64,
         fixed_point: f64,
-    },
-    /// Σ trunc((clamp(x, lo, hi) − shift)² · fixed_point) per group (for variances; `shift` is
-    /// the midpoint, so each term lies in [0, ((hi − lo)/2)² · fixed_point]).
-    ClampedSquares {
-        expr: Expr,
-        column: String,
-        lo: f64,
-        hi: f64,
-        shift: f64,
-        fixed_point: f64,
+        squared: bool,
     },
 }
 
@@ -69,47 +62,45 @@ impl MeasureSpec {
                 lo,
                 hi,
                 shift,
+                squared,
                 ..
-            } if *shift != 0.0 => format!("mean({column} in [{lo}, {hi}])"),
-            MeasureSpec::ClampedSum { column, lo, hi, .. } => {
-                format!("sum({column} in [{lo}, {hi}])")
-            }
-            MeasureSpec::ClampedSquares { column, lo, hi, .. } => {
-                format!("squares({column} in [{lo}, {hi}])")
+            } => {
+                let what = match (*squared, *shift != 0.0) {
+                    (true, _) => "squares",
+                    (false, true) => "mean",
+                    (false, false) => "sum",
+                };
+                format!("{what}({column} in [{lo}, {hi}])")
             }
         }
     }
 
     pub fn fixed_point(&self) -> f64 {
         match self {
-            MeasureSpec::ClampedSum { fixed_point, .. }
-            | MeasureSpec::ClampedSquares { fixed_point, .. } => *fixed_point,
+            MeasureSpec::ClampedSum { fixed_point, .. } => *fixed_point,
             _ => 1.0,
         }
     }
 
     pub fn shift(&self) -> f64 {
         match self {
-            MeasureSpec::ClampedSum { shift, .. } | MeasureSpec::ClampedSquares { shift, .. } => {
-                *shift
-            }
+            MeasureSpec::ClampedSum { shift, .. } => *shift,
             _ => 0.0,
         }
     }
 
     pub fn bounds(&self) -> (f64, f64) {
         match self {
-            MeasureSpec::ClampedSum { lo, hi, .. } | MeasureSpec::ClampedSquares { lo, hi, .. } => {
-                (*lo, *hi)
-            }
+            MeasureSpec::ClampedSum { lo, hi, .. } => (*lo, *hi),
             _ => (f64::NEG_INFINITY, f64::INFINITY),
         }
     }
 
     /// The integer range every summed value lies in. The per-row value is
-    /// `trunc((clamp(x) − shift) · fixed_point)` in f64, and subtraction, multiplication by a
-    /// positive constant and truncation are all monotone, so the same operations on the bounds
-    /// (done here in the same IEEE arithmetic) bound every value.
+    /// `trunc((clamp(x) − shift) · fixed_point)` in f64 (squared before scaling for sums of
+    /// squares), and subtraction, squaring a magnitude, multiplication by a positive constant
+    /// and truncation are all monotone, so the same operations on the bounds (done here in the
+    /// same IEEE arithmetic) bound every value.
     pub fn fixed_point_bounds(&self) -> (i64, i64) {
         match self {
             MeasureSpec::ClampedSum {
@@ -117,18 +108,18 @@ impl MeasureSpec {
                 hi,
                 shift,
                 fixed_point,
+                squared: false,
                 ..
             } => (
                 ((lo - shift) * fixed_point).trunc() as i64,
                 ((hi - shift) * fixed_point).trunc() as i64,
             ),
-            // The square of the largest deviation, computed as the kernel computes each term
-            // (subtract, multiply, scale, truncate: monotone in |deviation| in IEEE arithmetic).
-            MeasureSpec::ClampedSquares {
+            MeasureSpec::ClampedSum {
                 lo,
                 hi,
                 shift,
                 fixed_point,
+                squared: true,
                 ..
             } => {
                 let d = (lo - shift).abs().max((hi - shift).abs());
@@ -150,28 +141,15 @@ impl MeasureSpec {
                 hi,
                 shift,
                 fixed_point,
+                squared,
                 ..
             } => {
-                // Clamp, shift, scale and truncate in one kernel. Truncation toward zero biases by
-                // under one fixed-point unit per row (≤ 2⁻²⁰ of the bound's magnitude), far
-                // below the noise, and is cheaper than rounding.
+                // Clamp, shift, (square,) scale and truncate in one kernel. Truncation toward
+                // zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of the bound's
+                // magnitude), far below the noise, and is cheaper than rounding.
                 let x = cast(expr.clone(), DataType::Float64);
                 let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
-                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, false),
-                );
-                sum(udf.call(vec![x])).alias(name)
-            }
-            MeasureSpec::ClampedSquares {
-                expr,
-                lo,
-                hi,
-                shift,
-                fixed_point,
-                ..
-            } => {
-                let x = cast(expr.clone(), DataType::Float64);
-                let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
-                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, true),
+                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, *squared),
                 );
                 sum(udf.call(vec![x])).alias(name)
             }
@@ -250,13 +228,10 @@ impl QueryShape {
     }
 
     /// Pass 1 of contribution bounding (see `bound.rs`): each person's rows after the query's
-    /// filters. `None` for row-level data.
-    pub fn unit_count_plan(&self) -> Result<Option<LogicalPlan>, GateError> {
-        let Some(unit) = &self.unit else {
-            return Ok(None);
-        };
+    /// filters.
+    pub fn unit_count_plan(&self, unit: &UnitBound) -> Result<LogicalPlan, GateError> {
         let source = super::bound::source(&self.input).ok_or_else(plan_error_text)?;
-        super::bound::count_plan(source, unit).map(Some)
+        super::bound::count_plan(source, unit)
     }
 
     /// How many rows one privacy unit can add or remove after bounding: the `d_in`, in
@@ -485,16 +460,18 @@ pub fn analyse(
                     hi,
                     shift,
                     fixed_point: fixed_point_for(reach),
+                    squared: false,
                 });
                 let squares =
                     matches!(kind, ColumnKind::Variance | ColumnKind::StdDev).then(|| {
-                        add(MeasureSpec::ClampedSquares {
+                        add(MeasureSpec::ClampedSum {
                             expr: x.clone(),
                             column,
                             lo,
                             hi,
                             shift,
                             fixed_point: fixed_point_for(reach * reach),
+                            squared: true,
                         })
                     });
                 (sum, kind, squares)
@@ -823,6 +800,7 @@ mod tests {
             hi: 100.0,
             shift: 50.0,
             fixed_point: fixed_point_for(50.0),
+            squared: false,
         };
         let (lo, hi) = m.fixed_point_bounds();
         assert_eq!(lo, -hi);

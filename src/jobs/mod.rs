@@ -652,22 +652,18 @@ impl Host for GateHost {
                 message: "the job was cancelled; nothing was released or spent".into(),
             });
         }
-        if let Some(answers) = &self.dry_run {
+        if self.dry_run.is_some() || request.dry_run {
             let answer = self
                 .runtime
                 .block_on(self.gate.estimate(&self.grant, &request))
                 .map_err(|e| e.to_query_error());
-            answers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(answer.clone());
+            if let Some(answers) = &self.dry_run {
+                answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(answer.clone());
+            }
             return answer;
-        }
-        if request.dry_run {
-            return self
-                .runtime
-                .block_on(self.gate.estimate(&self.grant, &request))
-                .map_err(|e| e.to_query_error());
         }
         match self
             .runtime

@@ -125,16 +125,7 @@ async fn a_q1_job_goes_from_upload_to_a_verified_dp_release() {
 
     // The auditor's export verifies with the public key — grant, reserve, commit — and a copy
     // with the reservation's ε edited does not.
-    let export = s
-        .http
-        .get(format!("{}/v1/ledger/export", s.base))
-        .bearer_auth(&s.auditor)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = s.ledger_export().await;
     let parsed = unseen::ledger::read_export(export.as_bytes()).unwrap();
     let summary =
         unseen::ledger::verify(&parsed.entries, parsed.checkpoint.as_ref(), &key).unwrap();

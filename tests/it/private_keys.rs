@@ -178,16 +178,7 @@ async fn cells_are_chosen_by_a_noisy_threshold_and_delta_is_capped() {
     let (_, key) = s
         .call(Method::GET, "/v1/ledger/public-key", &s.auditor, None)
         .await;
-    let export = s
-        .http
-        .get(format!("{}/v1/ledger/export", s.base))
-        .bearer_auth(&s.auditor)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = s.ledger_export().await;
     let parsed = unseen::ledger::read_export(export.as_bytes()).unwrap();
     let summary = unseen::ledger::verify(
         &parsed.entries,

@@ -229,6 +229,19 @@ impl Server {
         body["entries"].as_array().unwrap().len()
     }
 
+    /// The auditor's ledger export (JSON lines), as text.
+    pub async fn ledger_export(&self) -> String {
+        self.http
+            .get(format!("{}/v1/ledger/export", self.base))
+            .bearer_auth(&self.auditor)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn health(&self) -> bool {
         self.call(Method::GET, "/v1/health", "", None).await.0 == StatusCode::OK
     }
