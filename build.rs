@@ -8,12 +8,25 @@ use std::process::Command;
 
 const TARGET: &str = "wasm32-unknown-unknown";
 /// Guest crates built and embedded; each becomes `$OUT_DIR/<name>.wasm`.
-const GUESTS: &[&str] = &["district_stats", "query_runner"];
+const GUESTS: &[&str] = &[
+    "district_stats",
+    "fare_per_km",
+    "median",
+    "query_runner",
+    "hostile",
+];
+/// The guest workspaces: the examples, and the hostile modules the tests run.
+const MANIFESTS: &[&str] = &["examples/Cargo.toml", "tests/guests/hostile/Cargo.toml"];
 
 fn main() {
     let root =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    for watched in ["guest-sdk/src", "guest-sdk/Cargo.toml", "examples"] {
+    for watched in [
+        "guest-sdk/src",
+        "guest-sdk/Cargo.toml",
+        "examples",
+        "tests/guests",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -28,6 +41,22 @@ fn main() {
 
     ensure_wasm_target();
 
+    for manifest in MANIFESTS {
+        build_guests(&root.join(manifest), &target_dir);
+    }
+    for name in GUESTS {
+        let built = target_dir
+            .join(TARGET)
+            .join("release")
+            .join(format!("{name}.wasm"));
+        let dest = out_dir.join(format!("{name}.wasm"));
+        std::fs::copy(&built, &dest)
+            .unwrap_or_else(|e| panic!("guest module {} missing: {e}", built.display()));
+    }
+}
+
+/// Builds one guest workspace for wasm32 into `target_dir`.
+fn build_guests(manifest: &Path, target_dir: &Path) {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     // The outer build's settings (target dir, flags, profile, clippy's wrapper) must not leak
@@ -48,26 +77,17 @@ fn main() {
         .arg("--target")
         .arg(TARGET)
         .arg("--manifest-path")
-        .arg(root.join("examples/Cargo.toml"))
+        .arg(manifest)
         .arg("--target-dir")
-        .arg(&target_dir);
+        .arg(target_dir);
     let status = cmd
         .status()
         .expect("could not run cargo to build the guest modules");
     assert!(
         status.success(),
-        "building the guest modules in examples/ failed"
+        "building the guest modules of {} failed",
+        manifest.display()
     );
-
-    for name in GUESTS {
-        let built = target_dir
-            .join(TARGET)
-            .join("release")
-            .join(format!("{name}.wasm"));
-        let dest = out_dir.join(format!("{name}.wasm"));
-        std::fs::copy(&built, &dest)
-            .unwrap_or_else(|e| panic!("guest module {} missing: {e}", built.display()));
-    }
 }
 
 fn ensure_wasm_target() {

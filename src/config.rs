@@ -79,6 +79,18 @@ pub struct Limits {
     /// gets its earlier release back and spends nothing (false: every query is computed and
     /// charged afresh).
     pub reuse_releases: bool,
+    /// UDFs one module may export (`module_over_limits`).
+    pub max_udfs: u32,
+    /// Fuel for one row of a wasm UDF; a row that runs out gets the UDF's declared default.
+    pub udf_fuel_per_row: u64,
+    /// Fuel for one sample-and-aggregate block; a block that runs out gets the outputs'
+    /// defaults.
+    pub block_fuel: u64,
+    /// Most blocks one sample-and-aggregate query may ask for (`invalid_blocks`).
+    pub max_blocks: u32,
+    /// Wasm instances alive at once across the server (pooled slots with copy-on-write memory;
+    /// beyond it a query fails rather than waiting).
+    pub instance_slots: u32,
 }
 
 impl Default for Limits {
@@ -98,6 +110,11 @@ impl Default for Limits {
             max_cached_modules: 256,
             table_cache_bytes: 2 << 30,
             reuse_releases: true,
+            max_udfs: 32,
+            udf_fuel_per_row: 1_000_000,
+            block_fuel: 200_000_000,
+            max_blocks: 10_000,
+            instance_slots: 128,
         }
     }
 }

@@ -67,6 +67,15 @@ pub mod examples {
         include_bytes!(concat!(env!("OUT_DIR"), "/district_stats.wasm"));
     /// `examples/query_runner`: runs the queries named in its params; returns each release or refusal.
     pub const QUERY_RUNNER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/query_runner.wasm"));
+    /// `examples/fare_per_km`: WORKLOADS.md's Q5, a mean of the module's own UDF per cell.
+    pub const FARE_PER_KM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fare_per_km.wasm"));
+    /// `examples/median`: WORKLOADS.md's Q6, a median (and a regression line) by
+    /// sample-and-aggregate.
+    pub const MEDIAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/median.wasm"));
+    /// `tests/guests/hostile`: UDFs and block functions written to leak, crash or stall (for
+    /// the tests; never part of the demo).
+    #[doc(hidden)]
+    pub const HOSTILE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostile.wasm"));
 }
 
 /// Seconds since the Unix epoch, as RFC 3339 text. The one place the wall clock is read for

@@ -40,6 +40,76 @@ pub const EXPORT_ALLOC: &str = "unseen_alloc";
 /// and return 0 on success.
 pub const ENTRY_PREFIX: &str = "unseen_entry_";
 
+/// Scalar UDFs are exported as `unseen_udf_<name>(frame_ptr: i32, frame_len: i32) -> i32`: the
+/// host writes a [`crate::frame`] of the argument columns into a buffer from [`EXPORT_ALLOC`]
+/// and the guest answers the address of a frame it owns (`u32` length, then the frame) holding
+/// one column of results, one per row; a negative value means the call failed.
+pub const UDF_PREFIX: &str = "unseen_udf_";
+/// `unseen_sig_<name>() -> i64`: where the UDF's [`UdfSignature`] JSON lies in the guest's
+/// memory (`ptr << 32 | len`). Read once, at upload, in a fresh instance.
+pub const SIGNATURE_PREFIX: &str = "unseen_sig_";
+/// `unseen_row_<name>(args…) -> ret`: the same UDF for one row, over plain wasm numbers (`f64`,
+/// `i64`, `i32` for booleans). Exported by the SDK for every UDF; the host uses it only when
+/// the signature says `row_abi` and the function provably writes no state (see the host's
+/// sandbox), so that one instance may serve every row as if each had a fresh one.
+pub const ROW_PREFIX: &str = "unseen_row_";
+/// Sample-and-aggregate functions: `unseen_block_<name>(frame_ptr: i32, frame_len: i32) -> i32`
+/// over a frame of one block's rows, answering the address of a frame (`u32` length, then the
+/// frame) with one `Float64` column of the block's outputs.
+pub const BLOCK_PREFIX: &str = "unseen_block_";
+
+/// Types a UDF may take and return (SQL `DOUBLE`, `BIGINT`, `BOOLEAN`, `VARCHAR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UdfType {
+    Float64,
+    Int64,
+    Boolean,
+    Utf8,
+}
+
+/// What a guest declares about one of its UDFs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdfSignature {
+    pub args: Vec<UdfType>,
+    pub returns: UdfType,
+    /// The function takes `Option`s and sees nulls; otherwise a null argument gives a null
+    /// result without calling it.
+    pub takes_nulls: bool,
+    /// The result for a row on which the function traps, runs out of fuel or memory, or
+    /// answers malformed output (`Null` for SQL NULL). Declared, so a failure tells nothing.
+    pub default: Value,
+    /// A [`ROW_PREFIX`] export over plain wasm numbers exists for this function.
+    pub row_abi: bool,
+}
+
+/// Sample-and-aggregate: run the module's block function over disjoint blocks of privacy
+/// units and release the DP mean of its clamped outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleAggregate {
+    /// The block function, exported as `unseen_block_<function>`.
+    pub function: String,
+    /// How many blocks the units are split into (more: less noise, smaller blocks).
+    pub blocks: u32,
+    /// One per value the function returns, in order.
+    pub outputs: Vec<BlockOutput>,
+}
+
+/// One value of a block function's output, clamped to `[lower, upper]` before averaging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockOutput {
+    pub name: String,
+    pub lower: f64,
+    pub upper: f64,
+    /// Used for a block whose function traps, runs out of fuel or memory, or answers the wrong
+    /// number of values; default: the midpoint of the bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<f64>,
+}
+
 /// A DP query a guest asks the host to run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +134,10 @@ pub struct QueryRequest {
     /// ε, δ and per-column noise a real run would have, read from no data and spending nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// Run the module's block function by sample-and-aggregate over the rows `sql` selects
+    /// (`SELECT <columns> FROM <table> [WHERE …]`, no aggregate) instead of a SQL aggregate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_aggregate: Option<SampleAggregate>,
 }
 
 /// What the host answers to a [`QueryRequest`].
@@ -143,6 +217,8 @@ pub enum ColumnKind {
     Variance,
     /// `STDDEV_POP`/`STDDEV_SAMP`/`STDDEV` of a clamped column: the population deviation.
     StdDev,
+    /// The DP mean over blocks of a guest function's clamped output (sample-and-aggregate).
+    BlockMean,
 }
 
 /// A cell of a released table.
@@ -150,6 +226,7 @@ pub enum ColumnKind {
 #[serde(untagged)]
 pub enum Value {
     Null,
+    Bool(bool),
     Int(i64),
     Float(f64),
     Text(String),

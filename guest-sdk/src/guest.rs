@@ -88,3 +88,37 @@ pub fn __run_entry(
         }
     }
 }
+
+thread_local! {
+    /// The frame last handed to the host, freed at the next call.
+    static LAST_FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes the frame the host wrote at `ptr` (a buffer from `unseen_alloc`), runs `f` over it and
+/// answers the address of `u32` length + result frame, or -1.
+#[doc(hidden)]
+pub fn __frame_call(
+    ptr: i32,
+    len: i32,
+    f: fn(&[u8]) -> Result<Vec<u8>, crate::frame::FrameError>,
+) -> i32 {
+    // SAFETY: the host filled a buffer it obtained from `unseen_alloc(len)`.
+    let input = unsafe { Vec::from_raw_parts(ptr as *mut u8, len as usize, len as usize) };
+    let Ok(frame) = f(&input) else { return -1 };
+    drop(input);
+    let mut out = Vec::with_capacity(4 + frame.len());
+    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame);
+    LAST_FRAME.with(|last| {
+        let mut last = last.borrow_mut();
+        *last = out;
+        last.as_ptr() as i32
+    })
+}
+
+/// Serialises `value` and leaks it: `ptr << 32 | len` for the host to read.
+#[doc(hidden)]
+pub fn __leak_json<T: serde::Serialize>(value: &T) -> i64 {
+    let bytes = serde_json::to_vec(value).unwrap_or_default().leak();
+    ((bytes.as_ptr() as i64) << 32) | bytes.len() as i64
+}

@@ -26,6 +26,8 @@
 //! ```
 
 pub mod contract;
+pub mod frame;
+pub mod udf;
 
 pub use contract::{ColumnKind, QueryError, QueryRequest, Release, ReleasedColumn, Value};
 pub use serde_json::Value as Json;
@@ -33,7 +35,7 @@ pub use serde_json::Value as Json;
 #[cfg(target_arch = "wasm32")]
 mod guest;
 #[cfg(target_arch = "wasm32")]
-pub use guest::{__run_entry, query};
+pub use guest::{__frame_call, __leak_json, __run_entry, query};
 
 /// Outside wasm there is no host to ask: every query answers `no_host`.
 #[cfg(not(target_arch = "wasm32"))]
@@ -88,6 +90,33 @@ impl Query {
         self
     }
 
+    /// Runs the module's block function `function` (see [`block!`]) by sample-and-aggregate
+    /// over the rows this query's SQL selects (`SELECT <columns> FROM <table> [WHERE …]`): the
+    /// privacy units are split into `blocks` disjoint blocks, the function runs on each in a
+    /// fresh instance, and each output is clamped to its bounds and released as a DP mean.
+    /// Add outputs with [`Query::output`].
+    pub fn sample_aggregate(mut self, function: impl Into<String>, blocks: u32) -> Self {
+        self.request.sample_aggregate = Some(contract::SampleAggregate {
+            function: function.into(),
+            blocks,
+            outputs: Vec::new(),
+        });
+        self
+    }
+
+    /// One output of the block function (in order), clamped to `[lower, upper]`.
+    pub fn output(mut self, name: impl Into<String>, lower: f64, upper: f64) -> Self {
+        if let Some(sa) = &mut self.request.sample_aggregate {
+            sa.outputs.push(contract::BlockOutput {
+                name: name.into(),
+                lower,
+                upper,
+                default: None,
+            });
+        }
+        self
+    }
+
     /// The request this builder describes.
     pub fn request(&self) -> &QueryRequest {
         &self.request
@@ -106,6 +135,38 @@ impl Query {
             ..self.request.clone()
         })
     }
+}
+
+/// An entry body that runs the queries its params name: `{"queries": [request, …]}`, each the
+/// contract's [`QueryRequest`] as JSON (`epsilon` 0.5 if absent; unknown fields refused by
+/// name). Answers `{"answers": [{"release": …} | {"error": {"code", "message"}}, …]}`.
+///
+/// ```
+/// let out = unseen_guest::run_queries(serde_json::json!({"queries": [{"sql": "SELECT 1"}]}));
+/// // Natively there is no host: the answer is the refusal.
+/// assert_eq!(out.unwrap()["answers"][0]["error"]["code"], "no_host");
+/// ```
+pub fn run_queries(params: Json) -> Result<Json, String> {
+    let queries = params
+        .get("queries")
+        .and_then(Json::as_array)
+        .ok_or("params need \"queries\": [...]")?;
+    let answers = queries
+        .iter()
+        .map(|spec| {
+            let mut spec = spec.clone();
+            if let Some(fields) = spec.as_object_mut() {
+                fields.entry("epsilon").or_insert(serde_json::json!(0.5));
+            }
+            let request: QueryRequest = serde_json::from_value(spec)
+                .map_err(|e| format!("a query is not a valid request: {e}"))?;
+            Ok(match query(&request) {
+                Ok(release) => serde_json::json!({ "release": release }),
+                Err(e) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
+            })
+        })
+        .collect::<Result<Vec<Json>, String>>()?;
+    Ok(serde_json::json!({ "answers": answers }))
 }
 
 /// Exports `function` (a `fn(Json) -> Result<Json, String>`) as the entry point `name`.

@@ -251,6 +251,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                     &gate.developer,
                     &gate.scenario,
                     in_memory,
+                    None,
                 )
                 .await?;
             for _ in 0..runs {
@@ -386,6 +387,8 @@ impl GateFixture {
             valid_until: None,
             max_rows_per_unit: None,
             delta: crate::scenario::MAX_DELTA,
+            reviewed_modules: Vec::new(),
+            pad_to_seconds: None,
         };
         let s = crate::scenario::apply(&store, &dev.id, app)?;
         let scenario =

@@ -266,6 +266,11 @@ impl JobSession {
         Ok(JobSession { ctx })
     }
 
+    /// Adds a guest UDF (the module's; names were checked against the session's own at upload).
+    pub fn register_udf(&self, udf: datafusion::logical_expr::ScalarUDF) {
+        self.ctx.register_udf(udf);
+    }
+
     /// Parses and plans guest SQL, refusing every statement but a query, then runs the
     /// analyzer (type coercion) so the gate checks the plan that will actually execute.
     pub async fn plan(&self, sql: &str) -> Result<LogicalPlan, EngineError> {

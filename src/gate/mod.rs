@@ -14,6 +14,7 @@
 //! `unconditional` (openly publishable) ones answer the same query shapes exactly, without
 //! noise or minimum group size, at ε = 0 — still recorded in the ledger as a use.
 
+mod blocks;
 mod bound;
 mod fixed_point;
 mod plan;
@@ -39,6 +40,7 @@ use crate::catalog::{DatasetPolicy, KeyValue, OpenAttribute};
 use crate::config::Limits;
 use crate::engine::{EngineError, JobSession, TableSpec};
 use crate::ledger::{Ledger, LedgerError, Reservation};
+use crate::sandbox::functions::GuestFunctions;
 use crate::scenario::{Scenario, Status};
 use crate::store::{Store, StoreError};
 
@@ -143,6 +145,8 @@ pub struct JobGrant {
     pub scenario: Scenario,
     pub(crate) datasets: HashMap<String, DatasetPolicy>,
     session: JobSession,
+    /// The job module's UDFs (registered in `session`) and block functions.
+    pub(crate) guest: Option<Arc<GuestFunctions>>,
 }
 
 #[derive(Clone)]
@@ -184,6 +188,7 @@ impl Gate {
         developer_id: &str,
         scenario: &Scenario,
         in_memory: bool,
+        guest: Option<Arc<GuestFunctions>>,
     ) -> Result<JobGrant, GateError> {
         self.open(
             job_id,
@@ -191,6 +196,7 @@ impl Gate {
             scenario,
             in_memory,
             Some(&self.tables),
+            guest,
         )
         .await
     }
@@ -202,8 +208,10 @@ impl Gate {
         job_id: &str,
         developer_id: &str,
         scenario: &Scenario,
+        guest: Option<Arc<GuestFunctions>>,
     ) -> Result<JobGrant, GateError> {
-        self.open(job_id, developer_id, scenario, false, None).await
+        self.open(job_id, developer_id, scenario, false, None, guest)
+            .await
     }
 
     async fn open(
@@ -213,6 +221,7 @@ impl Gate {
         scenario: &Scenario,
         in_memory: bool,
         cache: Option<&crate::engine::TableCache>,
+        guest: Option<Arc<GuestFunctions>>,
     ) -> Result<JobGrant, GateError> {
         if scenario.status != Status::Approved || !crate::scenario::started(scenario) {
             return Err(GateError::refused(
@@ -255,12 +264,18 @@ impl Gate {
             datasets.insert(policy.table.clone(), policy);
         }
         let session = JobSession::new(&specs, self.limits.query_memory_bytes, cache).await?;
+        if let Some(guest) = &guest {
+            for udf in guest.scalar_udfs() {
+                session.register_udf(udf);
+            }
+        }
         Ok(JobGrant {
             job_id: job_id.into(),
             developer_id: developer_id.into(),
             scenario: scenario.clone(),
             datasets,
             session,
+            guest,
         })
     }
 
@@ -283,12 +298,13 @@ impl Gate {
         request: &QueryRequest,
     ) -> Result<Released, GateError> {
         let Prepared {
-            shape,
-            pricing,
+            work,
             dataset_id,
             mechanism,
+            mode,
+            epsilon,
+            delta,
         } = self.prepare(grant, request).await?;
-        let (epsilon, delta) = (pricing.epsilon, pricing.delta);
         // Asked and paid for before in this scenario, over the same version of the data: the
         // same release again, for nothing (re-showing a release is post-processing).
         let cache_key = if self.reuse {
@@ -309,14 +325,18 @@ impl Gate {
             epsilon,
             delta,
             mechanism,
-            mode: "query",
+            mode,
         })?;
 
         // The reservation is durable: now, and only now, the data is read.
-        match self
-            .produce(grant, &shape, &pricing, reservation.body.seq)
-            .await
-        {
+        let produced = match &work {
+            Work::Aggregate { shape, pricing } => {
+                self.produce(grant, shape, pricing, reservation.body.seq)
+                    .await
+            }
+            Work::Blocks(blocks) => blocks.produce(grant, epsilon, reservation.body.seq).await,
+        };
+        match produced {
             Ok(release) => {
                 // The commit is durable before the release leaves the gate.
                 let commit = self.ledger.commit(&reservation, true, "released")?;
@@ -377,6 +397,8 @@ impl Gate {
             "request": request,
             "dataset": dataset_id,
             "version": version,
+            // A UDF or block function of another module is other code.
+            "module": grant.guest.as_ref().map(|g| (&g.hash, g.mode.as_str())),
         })
         .to_string();
         Ok(hex::encode(
@@ -441,14 +463,22 @@ impl Gate {
         grant: &JobGrant,
         request: &QueryRequest,
     ) -> Result<Release, GateError> {
-        let Prepared { shape, pricing, .. } = self.prepare(grant, request).await?;
+        let Prepared {
+            work,
+            epsilon,
+            delta,
+            ..
+        } = self.prepare(grant, request).await?;
         Ok(Release {
-            columns: describe_columns(&shape, &pricing),
+            columns: match &work {
+                Work::Aggregate { shape, pricing } => describe_columns(shape, pricing),
+                Work::Blocks(blocks) => blocks.columns(),
+            },
             rows: Vec::new(),
-            epsilon: pricing.epsilon,
+            epsilon,
             ledger_entry: 0,
             suppressed_groups: 0,
-            delta: pricing.delta,
+            delta,
             dry_run: true,
             reused: false,
         })
@@ -493,6 +523,9 @@ impl Gate {
             ));
         }
         let plan = grant.session.plan(&request.sql).await?;
+        if let Some(sa) = &request.sample_aggregate {
+            return blocks::prepare(grant, &plan, request, sa, &self.limits);
+        }
         let shape = plan::analyse(&plan, grant, request)?;
         let policy = &grant.datasets[&shape.table];
         // The open attribute as it is now: an operator may have changed it mid-job.
@@ -586,14 +619,19 @@ impl Gate {
         Ok(Prepared {
             dataset_id: policy.id.clone(),
             mechanism,
-            pricing: Pricing {
-                exact,
-                calibrated,
-                threshold,
-                epsilon,
-                delta,
+            mode: shape.mode,
+            epsilon,
+            delta,
+            work: Work::Aggregate {
+                pricing: Pricing {
+                    exact,
+                    calibrated,
+                    threshold,
+                    epsilon,
+                    delta,
+                },
+                shape,
             },
-            shape,
         })
     }
 
@@ -851,11 +889,20 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
 
 /// A checked, priced query.
 struct Prepared {
-    shape: QueryShape,
-    pricing: Pricing,
+    work: Work,
     dataset_id: String,
     /// What the ledger entry says is released.
     mechanism: String,
+    /// How guest code ran over rows for it (the ledger's `mode`).
+    mode: &'static str,
+    epsilon: f64,
+    delta: f64,
+}
+
+/// What a priced query will compute once its debit is durable.
+enum Work {
+    Aggregate { shape: QueryShape, pricing: Pricing },
+    Blocks(blocks::BlockPlan),
 }
 
 /// What a query costs and how its noise is drawn, fixed before any data is read.

@@ -11,9 +11,12 @@ use datafusion::logical_expr::{
 };
 use unseen_guest::contract::{ColumnKind, QueryRequest};
 
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+
 use super::bound::UnitBound;
 use super::{GateError, JobGrant};
 use crate::catalog::{KeyValue, OpenAttribute};
+use crate::sandbox::functions::{UdfMode, WasmUdf};
 
 /// Most groups one release may have (the product of the public key sets).
 const MAX_GROUPS: usize = 100_000;
@@ -196,6 +199,8 @@ pub struct QueryShape {
     pub groups: Vec<GroupSpec>,
     pub measures: Vec<MeasureSpec>,
     pub outputs: Vec<OutputSpec>,
+    /// How guest code ran over rows for this query (`query`: it did not), for the ledger.
+    pub mode: &'static str,
     input: LogicalPlan,
 }
 
@@ -511,12 +516,14 @@ pub fn analyse(
         })
         .collect();
 
+    let mode = guest_udf_mode(plan).map_or("query", |m| m.as_str());
     Ok(QueryShape {
         table,
         unit,
         groups,
         measures,
         outputs,
+        mode,
         input: input.as_ref().clone(),
     })
 }
@@ -567,6 +574,34 @@ fn unit_bound(
     }))
 }
 
+/// The guest UDF a function call runs, if it is one.
+fn guest_udf(e: &Expr) -> Option<&WasmUdf> {
+    match e {
+        Expr::ScalarFunction(f) => {
+            let inner: &dyn std::any::Any = f.func.inner().as_ref();
+            inner.downcast_ref::<WasmUdf>()
+        }
+        _ => None,
+    }
+}
+
+/// The mode of the guest UDFs a plan calls, if it calls any (one module per job: one mode).
+fn guest_udf_mode(plan: &LogicalPlan) -> Option<UdfMode> {
+    let mut mode = None;
+    let _ = plan.apply(|node| {
+        for e in node.expressions() {
+            let _ = e.apply(|x| {
+                if let Some(u) = guest_udf(x) {
+                    mode = Some(u.mode());
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    mode
+}
+
 fn unalias(e: &Expr) -> &Expr {
     match e {
         Expr::Alias(a) => unalias(&a.expr),
@@ -580,7 +615,8 @@ fn column_of(e: &Expr) -> Option<String> {
         Expr::Alias(a) => column_of(&a.expr),
         Expr::Cast(c) => column_of(&c.expr),
         Expr::TryCast(c) => column_of(&c.expr),
-        _ => None,
+        // A guest UDF's results are bounded under its name.
+        e => guest_udf(e).map(|u| datafusion::logical_expr::ScalarUDFImpl::name(u).to_string()),
     }
 }
 
@@ -652,7 +688,7 @@ fn peel(plan: &LogicalPlan) -> Result<(Vec<(String, usize)>, &Aggregate), GateEr
 }
 
 /// Below the aggregate: scans of the scenario's tables, filters and projections only.
-fn check_input(
+pub(super) fn check_input(
     plan: &LogicalPlan,
     grant: &JobGrant,
     tables: &mut Vec<String>,
@@ -699,7 +735,7 @@ fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
         refuse(
             "expression_not_allowed",
             format!(
-                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals) and widening casts may appear before aggregation"
+                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals), widening casts and the module's own UDFs may appear before aggregation"
             ),
         )
     };
@@ -740,6 +776,10 @@ fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
             }
         }
         Expr::TryCast(c) => check_expr(&c.expr, schema),
+        // A guest UDF cannot fail on a row (a failing row gets its declared default).
+        Expr::ScalarFunction(f) if guest_udf(e).is_some() => {
+            f.args.iter().try_for_each(|a| check_expr(a, schema))
+        }
         Expr::Cast(c) => {
             if matches!(c.expr.as_ref(), Expr::Literal(..)) {
                 return Ok(());

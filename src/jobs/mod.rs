@@ -11,6 +11,7 @@ use unseen_guest::contract::{QueryRequest, QueryResponse, Release};
 
 use crate::gate::{Gate, JobGrant, Released};
 use crate::ledger::{Checkpoint, InclusionProof, Ledger};
+use crate::sandbox::functions::UdfMode;
 use crate::sandbox::{Host, Sandbox};
 use crate::store::{Store, StoreError};
 
@@ -264,9 +265,12 @@ impl Runner {
             .sandbox
             .validate(&bytes)
             .map_err(|e| failed(e.to_string()))?;
+        let guest = self
+            .sandbox
+            .functions(&module, udf_mode(&scenario, &module.hash));
         let grant = self
             .gate
-            .open_for_estimates(&crate::new_id("dry"), developer_id, &scenario)
+            .open_for_estimates(&crate::new_id("dry"), developer_id, &scenario, Some(guest))
             .await
             .map_err(|e| match e {
                 crate::gate::GateError::Refused { code, message } => refused(code, message),
@@ -416,11 +420,22 @@ impl Runner {
         let runner = self.clone();
         let id = job.id.clone();
         let developer_id = job.developer_id.clone();
+        let pad = scenario
+            .application
+            .pad_to_seconds
+            .map(std::time::Duration::from_secs);
         tokio::spawn(async move {
-            let Ok(_slot) = runner.slots.clone().acquire_owned().await else {
+            let Ok(slot) = runner.slots.clone().acquire_owned().await else {
                 return;
             };
+            let started = tokio::time::Instant::now();
             let outcome = runner.run(&id).await;
+            drop(slot);
+            // Padded: the outcome appears at the deadline, however long the guest code ran
+            // (a job that overruns it appears late: that much is visible).
+            if let Some(pad) = pad {
+                tokio::time::sleep_until(started + pad).await;
+            }
             let (status, code, message, report) = match outcome {
                 Ok((report, review)) => (
                     if review {
@@ -508,9 +523,12 @@ impl Runner {
             .sandbox
             .validate(&bytes)
             .map_err(|e| internal(e.to_string()))?;
+        let guest = self
+            .sandbox
+            .functions(&module, udf_mode(&scenario, &module.hash));
         let grant = self
             .gate
-            .open_job(job_id, &developer_id, &scenario, false)
+            .open_job(job_id, &developer_id, &scenario, false, Some(guest))
             .await
             .map_err(|e| {
                 let q = e.to_query_error();
@@ -679,6 +697,20 @@ impl Host for GateHost {
             }
             Err(e) => Err(e.to_query_error()),
         }
+    }
+}
+
+/// Per-batch UDFs only for a module the scenario's operator reviewed.
+fn udf_mode(scenario: &crate::scenario::Scenario, module: &str) -> UdfMode {
+    if scenario
+        .application
+        .reviewed_modules
+        .iter()
+        .any(|m| m == module)
+    {
+        UdfMode::Batch
+    } else {
+        UdfMode::Unit
     }
 }
 

@@ -3,17 +3,23 @@
 //! fresh store with fuel, a memory and table limiter, a stack limit, no WASI, no clock, no
 //! randomness and no I/O. It knows nothing of HTTP, SQL or privacy: queries go to a [`Host`].
 
+pub mod functions;
+mod purity;
+
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use unseen_guest::contract::{
-    ENTRY_PREFIX, EXPORT_ALLOC, EXPORT_MEMORY, HOST_MODULE, IMPORT_QUERY, IMPORT_SET_OUTPUT,
-    IMPORT_TAKE_RESPONSE, IMPORTS, QueryError, QueryRequest, QueryResponse,
+    BLOCK_PREFIX, ENTRY_PREFIX, EXPORT_ALLOC, EXPORT_MEMORY, HOST_MODULE, IMPORT_QUERY,
+    IMPORT_SET_OUTPUT, IMPORT_TAKE_RESPONSE, IMPORTS, QueryError, QueryRequest, QueryResponse,
+    ROW_PREFIX, UDF_PREFIX, UdfType, Value,
 };
 use wasmtime::{
-    Caller, Config, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, Trap,
-    ValType,
+    Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap, ValType,
 };
+
+use functions::{FnState, GuestFunctions, UdfInfo, UdfMode};
 
 use crate::config::Limits;
 
@@ -37,6 +43,8 @@ pub enum ModuleError {
     OverLimit { what: &'static str, limit: String },
     #[error("the module must export {0}")]
     MissingExport(String),
+    #[error("the module's function {0}")]
+    InvalidFunction(String),
 }
 
 impl ModuleError {
@@ -47,6 +55,7 @@ impl ModuleError {
             ModuleError::UnknownImport(_) => "unknown_import",
             ModuleError::OverLimit { .. } => "module_over_limits",
             ModuleError::MissingExport(_) => "missing_export",
+            ModuleError::InvalidFunction(_) => "invalid_function",
         }
     }
 }
@@ -102,11 +111,18 @@ pub struct ValidatedModule {
     pub module: Module,
     /// Imports resolved once against the host's linker: a job only instantiates.
     pre: InstancePre<RunState>,
+    /// The same module for guest functions over rows, whose host imports trap.
+    functions_pre: InstancePre<FnState>,
+    /// Scalar UDFs queries may call by name.
+    pub udfs: Vec<UdfInfo>,
+    /// Sample-and-aggregate block functions.
+    pub blocks: Vec<String>,
 }
 
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<RunState>,
+    functions_linker: Linker<FnState>,
     limits: Limits,
     /// Compiled modules by hash, with the tick each was last used (bounded by
     /// `limits.max_cached_modules`; an evicted module is compiled again from its file).
@@ -151,6 +167,64 @@ impl ResourceLimiter for RunState {
         }
         Ok(true)
     }
+}
+
+/// Names a UDF may not take: the session's own functions (SQL names are case-insensitive).
+const RESERVED_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "mean",
+    "var",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "unseen_keep",
+];
+
+fn function_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
+/// The largest initial memory (bytes) and table (elements) a module declares, defined or
+/// imported; (0, 0) for bytes that do not parse (compilation refuses those).
+fn declared_sizes(bytes: &[u8]) -> (u64, u64) {
+    use wasmparser::{Parser, Payload, TypeRef};
+    let (mut memory, mut table) = (0u64, 0u64);
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload {
+            Ok(Payload::MemorySection(section)) => {
+                for m in section.into_iter().flatten() {
+                    memory = memory.max(m.initial.saturating_mul(65536));
+                }
+            }
+            Ok(Payload::TableSection(section)) => {
+                for t in section.into_iter().flatten() {
+                    table = table.max(t.ty.initial);
+                }
+            }
+            Ok(Payload::ImportSection(section)) => {
+                for import in section.into_imports().flatten() {
+                    match import.ty {
+                        TypeRef::Memory(m) => memory = memory.max(m.initial.saturating_mul(65536)),
+                        TypeRef::Table(t) => table = table.max(t.initial),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    (memory, table)
 }
 
 /// Bounds a guest-chosen name before it is quoted anywhere.
@@ -201,6 +275,16 @@ impl Sandbox {
             .wasm_multi_memory(false)
             .wasm_memory64(false)
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // Pre-reserved instance slots whose memories start as copy-on-write images of the
+        // module's data: a fresh instance per privacy unit costs microseconds.
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_core_instances(limits.instance_slots)
+            .total_memories(limits.instance_slots)
+            .total_tables(limits.instance_slots)
+            .max_memory_size(limits.max_memory_bytes)
+            .table_elements(limits.max_table_elements as usize);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
         let mut linker = Linker::<RunState>::new(&engine);
         linker
@@ -291,9 +375,25 @@ impl Sandbox {
                 )
             })
             .map_err(|e| anyhow::anyhow!("linking host functions: {e}"))?;
+        // Guest functions over rows reach no host function: every import traps.
+        let mut functions_linker = Linker::<FnState>::new(&engine);
+        for (name, _, _) in IMPORTS {
+            functions_linker
+                .func_wrap(
+                    HOST_MODULE,
+                    name,
+                    |_: Caller<'_, FnState>, _: i32, _: i32| -> wasmtime::Result<i32> {
+                        Err(wasmtime::Error::msg(
+                            "host calls are not available to functions over rows",
+                        ))
+                    },
+                )
+                .map_err(|e| anyhow::anyhow!("linking host functions: {e}"))?;
+        }
         Ok(Sandbox {
             engine,
             linker,
+            functions_linker,
             limits,
             compiled: Mutex::new(HashMap::new()),
             tick: std::sync::atomic::AtomicU64::new(0),
@@ -323,6 +423,21 @@ impl Sandbox {
             *last = now;
             return Ok(v.clone());
         }
+        // Declared sizes first: the pooling allocator refuses to compile a module whose memory
+        // or table could not fit a slot, and the limit is the clearer refusal.
+        let (memory_bytes, table_elements) = declared_sizes(bytes);
+        if memory_bytes > self.limits.max_memory_bytes as u64 {
+            return Err(ModuleError::OverLimit {
+                what: "a memory",
+                limit: format!("{} bytes", self.limits.max_memory_bytes),
+            });
+        }
+        if table_elements > self.limits.max_table_elements as u64 {
+            return Err(ModuleError::OverLimit {
+                what: "a table",
+                limit: format!("{} elements", self.limits.max_table_elements),
+            });
+        }
         // Binary only: the `wat` feature is off, so text never parses. Validation happens here.
         let module = Module::from_binary(&self.engine, bytes).map_err(|_| ModuleError::Invalid)?;
         let all_i32 = |tys: &mut dyn Iterator<Item = ValType>, n: usize| {
@@ -350,6 +465,10 @@ impl Sandbox {
         let mut has_memory = false;
         let mut has_alloc = false;
         let mut entries = Vec::new();
+        let mut udf_names = Vec::new();
+        let mut blocks = Vec::new();
+        let i32_frame_call =
+            |f: &wasmtime::FuncType| all_i32(&mut f.params(), 2) && all_i32(&mut f.results(), 1);
         for export in module.exports() {
             match export.ty() {
                 ExternType::Memory(m) if export.name() == EXPORT_MEMORY => {
@@ -371,6 +490,26 @@ impl Sandbox {
                 }
                 ExternType::Func(f) if export.name() == EXPORT_ALLOC => {
                     has_alloc = all_i32(&mut f.params(), 1) && all_i32(&mut f.results(), 1);
+                }
+                ExternType::Func(f) if export.name().starts_with(UDF_PREFIX) => {
+                    let name = &export.name()[UDF_PREFIX.len()..];
+                    if !function_name_ok(name) || !i32_frame_call(&f) {
+                        return Err(ModuleError::InvalidFunction(format!(
+                            "{:?}: a UDF export is `{UDF_PREFIX}<name>(i32, i32) -> i32`, its name lowercase letters, digits and _ (at most 64)",
+                            bounded_name(name)
+                        )));
+                    }
+                    udf_names.push(name.to_string());
+                }
+                ExternType::Func(f) if export.name().starts_with(BLOCK_PREFIX) => {
+                    let name = &export.name()[BLOCK_PREFIX.len()..];
+                    if !function_name_ok(name) || !i32_frame_call(&f) {
+                        return Err(ModuleError::InvalidFunction(format!(
+                            "{:?}: a block export is `{BLOCK_PREFIX}<name>(i32, i32) -> i32`, its name lowercase letters, digits and _ (at most 64)",
+                            bounded_name(name)
+                        )));
+                    }
+                    blocks.push(name.to_string());
                 }
                 ExternType::Func(f) => {
                     if let Some(name) = export.name().strip_prefix(ENTRY_PREFIX) {
@@ -402,15 +541,30 @@ impl Sandbox {
             )));
         }
         entries.sort();
+        if udf_names.len() > self.limits.max_udfs as usize {
+            return Err(ModuleError::OverLimit {
+                what: "more UDFs than allowed",
+                limit: self.limits.max_udfs.to_string(),
+            });
+        }
         let pre = self
             .linker
             .instantiate_pre(&module)
             .map_err(|_| ModuleError::Invalid)?;
+        let functions_pre = self
+            .functions_linker
+            .instantiate_pre(&module)
+            .map_err(|_| ModuleError::Invalid)?;
+        let udfs = self.read_udfs(&module, bytes, &functions_pre, &hash, udf_names)?;
+        blocks.sort();
         let validated = ValidatedModule {
             hash: hash.clone(),
             entries,
             module,
             pre,
+            functions_pre,
+            udfs,
+            blocks,
         };
         let mut cache = self.cache();
         while cache.len() >= self.limits.max_cached_modules.max(1) {
@@ -425,6 +579,101 @@ impl Sandbox {
         }
         cache.insert(hash, (validated.clone(), now));
         Ok(validated)
+    }
+
+    /// Each UDF's declared signature (read in a fresh instance), checked against its exports,
+    /// and whether its per-row export writes no state.
+    fn read_udfs(
+        &self,
+        module: &Module,
+        bytes: &[u8],
+        pre: &InstancePre<FnState>,
+        hash: &str,
+        mut names: Vec<String>,
+    ) -> Result<Vec<UdfInfo>, ModuleError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        names.sort();
+        let reader = GuestFunctions::new(
+            pre.clone(),
+            hash.to_string(),
+            Vec::new(),
+            Vec::new(),
+            UdfMode::Unit,
+            self.limits.clone(),
+        );
+        let pure = purity::pure_exports(bytes);
+        let mut udfs = Vec::new();
+        for name in names {
+            let invalid = |why: String| {
+                ModuleError::InvalidFunction(format!("{:?}: {why}", bounded_name(&name)))
+            };
+            if RESERVED_FUNCTIONS.contains(&name.as_str()) {
+                return Err(invalid(
+                    "is the name of a built-in function; choose another".into(),
+                ));
+            }
+            let signature = reader.read_signature(&name).map_err(invalid)?;
+            if signature.args.len() > 16 {
+                return Err(invalid("takes more than 16 arguments".into()));
+            }
+            let default_ok = match (signature.returns, &signature.default) {
+                (_, Value::Null) => true,
+                (UdfType::Float64, Value::Float(_) | Value::Int(_)) => true,
+                (UdfType::Int64, Value::Int(_)) => true,
+                (UdfType::Boolean, Value::Bool(_)) => true,
+                (UdfType::Utf8, Value::Text(t)) => t.len() <= 1024,
+                _ => false,
+            };
+            if !default_ok {
+                return Err(invalid(
+                    "declares a default that is not of its return type".into(),
+                ));
+            }
+            let row_export = format!("{ROW_PREFIX}{name}");
+            let row_ok = signature.row_abi
+                && !signature.takes_nulls
+                && module
+                    .get_export(&row_export)
+                    .and_then(|e| e.func().cloned())
+                    .is_some_and(|f| {
+                        let wasm = |t: &UdfType| match t {
+                            UdfType::Float64 => Some(ValType::F64),
+                            UdfType::Int64 => Some(ValType::I64),
+                            UdfType::Boolean => Some(ValType::I32),
+                            UdfType::Utf8 => None,
+                        };
+                        let params: Vec<_> = f.params().collect();
+                        let results: Vec<_> = f.results().collect();
+                        params.len() == signature.args.len()
+                            && params
+                                .iter()
+                                .zip(&signature.args)
+                                .all(|(p, a)| wasm(a).is_some_and(|w| ValType::eq(p, &w)))
+                            && results.len() == 1
+                            && wasm(&signature.returns)
+                                .is_some_and(|w| ValType::eq(&results[0], &w))
+                    });
+            udfs.push(UdfInfo {
+                pure_row: row_ok && pure.get(&row_export).copied().unwrap_or(false),
+                name,
+                signature,
+            });
+        }
+        Ok(udfs)
+    }
+
+    /// The module's functions over rows, as one job runs them.
+    pub fn functions(&self, module: &ValidatedModule, mode: UdfMode) -> Arc<GuestFunctions> {
+        Arc::new(GuestFunctions::new(
+            module.functions_pre.clone(),
+            module.hash.clone(),
+            module.udfs.clone(),
+            module.blocks.clone(),
+            mode,
+            self.limits.clone(),
+        ))
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ValidatedModule, u64)>> {
@@ -549,6 +798,27 @@ mod tests {
         let mut wasm = crate::examples::QUERY_RUNNER.to_vec();
         wasm.extend_from_slice(&[0, 3, 1, b'v', n]);
         wasm
+    }
+
+    #[test]
+    fn udfs_are_read_at_upload_and_only_state_free_row_functions_share_an_instance() {
+        let sandbox = Sandbox::new(Limits::default()).unwrap();
+        let q5 = sandbox.validate(crate::examples::FARE_PER_KM).unwrap();
+        assert_eq!(q5.udfs.len(), 1);
+        let udf = &q5.udfs[0];
+        assert_eq!(udf.name, "fare_per_km");
+        assert_eq!(udf.signature.args, [UdfType::Float64, UdfType::Float64]);
+        assert_eq!(udf.signature.default, Value::Float(0.0));
+        // Compiled by rustc from a plain division: no store, no global.set is reachable.
+        assert!(udf.pure_row);
+        // The hostile counter writes its static: never shared across rows.
+        let hostile = sandbox.validate(crate::examples::HOSTILE).unwrap();
+        let seen = hostile.udfs.iter().find(|u| u.name == "rows_seen").unwrap();
+        assert!(!seen.pure_row);
+        assert_eq!(
+            hostile.blocks,
+            ["block_huge", "block_memory", "block_spin", "block_trap"]
+        );
     }
 
     #[test]

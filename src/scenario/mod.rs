@@ -48,11 +48,23 @@ pub struct Application {
     /// public (DP partition selection). 0: pure ε-DP releases only.
     #[serde(default)]
     pub delta: f64,
+    /// Modules an operator has read and marked reviewed at approval: their UDFs may run in the
+    /// faster per-batch mode (one instance per batch of rows, so state can cross rows). Set
+    /// only by the operator; an application that names any is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reviewed_modules: Vec<String>,
+    /// Jobs in this scenario finish no sooner than this many seconds after they start, so how
+    /// long guest code ran over the data does not show in when the result appears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_to_seconds: Option<u64>,
 }
 
 /// The most δ a scenario may ask for on one dataset: beyond it "(ε, δ)-DP" stops meaning much
 /// for datasets of thousands of people.
 pub const MAX_DELTA: f64 = 1e-4;
+
+/// The longest deadline a job may be padded to (a day).
+pub const MAX_PAD_SECONDS: u64 = 86_400;
 
 /// Limits an operator may tighten when approving.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
@@ -73,6 +85,12 @@ pub struct Approval {
     /// The operator may lower the δ applied for (to 0: pure ε-DP only).
     #[serde(default)]
     pub delta: Option<f64>,
+    /// Modules of the application the operator has reviewed: their UDFs run per batch.
+    #[serde(default)]
+    pub reviewed_modules: Option<Vec<String>>,
+    /// The operator may pad jobs to a deadline (or lengthen the one applied for).
+    #[serde(default)]
+    pub pad_to_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +252,19 @@ pub fn apply(
             "delta must be between 0 and {MAX_DELTA:e}"
         )));
     }
+    if !app.reviewed_modules.is_empty() {
+        return Err(ScenarioError::Invalid(
+            "reviewed_modules is set by the operator at approval, not applied for".into(),
+        ));
+    }
+    if app
+        .pad_to_seconds
+        .is_some_and(|p| p == 0 || p > MAX_PAD_SECONDS)
+    {
+        return Err(ScenarioError::Invalid(format!(
+            "pad_to_seconds must be 1 to {MAX_PAD_SECONDS}"
+        )));
+    }
     if app.max_rows_per_unit == Some(0) {
         return Err(ScenarioError::Invalid(
             "max_rows_per_unit must be at least 1".into(),
@@ -310,6 +341,8 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
                 valid_until: None,
                 max_rows_per_unit: None,
                 delta: 0.0,
+                reviewed_modules: Vec::new(),
+                pad_to_seconds: None,
             },
             epsilon_cap: r.get(4)?,
             per_job_epsilon: r.get(5)?,
@@ -499,6 +532,23 @@ pub fn approve(
     let requires_review = app.requires_review || approval.requires_review.unwrap_or(false);
     let mut app = app.clone();
     app.delta = delta;
+    if let Some(reviewed) = &approval.reviewed_modules {
+        if let Some(m) = reviewed.iter().find(|m| !app.modules.contains(m)) {
+            return Err(ScenarioError::Invalid(format!(
+                "reviewed module {:?} is not one of the application's modules",
+                m.chars().take(64).collect::<String>()
+            )));
+        }
+        app.reviewed_modules = reviewed.clone();
+    }
+    if let Some(pad) = approval.pad_to_seconds {
+        if pad == 0 || pad > MAX_PAD_SECONDS || app.pad_to_seconds.is_some_and(|a| pad < a) {
+            return Err(ScenarioError::Invalid(format!(
+                "pad_to_seconds may only be lengthened, up to {MAX_PAD_SECONDS}"
+            )));
+        }
+        app.pad_to_seconds = Some(pad);
+    }
     if let Some(until) = &approval.valid_until {
         let given = timestamp("valid_until", until)?;
         let asked = app

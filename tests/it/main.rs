@@ -7,6 +7,7 @@ mod dry_run;
 mod end_to_end;
 mod examples;
 mod governance;
+mod guest_functions;
 mod hostile_modules;
 mod http_errors;
 mod ledger;

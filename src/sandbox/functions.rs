@@ -1,0 +1,646 @@
+//! Guest code over rows: a module's scalar UDFs, registered into the job's DataFusion session,
+//! and its sample-and-aggregate block functions. Rows cross into the guest as frames (one bulk
+//! copy per call, see [`unseen_guest::frame`]), into instances that can reach no host function
+//! (the three imports trap here), with fuel, memory and table limits per call.
+//!
+//! Isolation, which the privacy guarantee rests on:
+//! - **Unit mode** (the default): no state can carry one row's data into another row's result.
+//!   Each row is evaluated in a fresh instance (pooled slots, copy-on-write memory), except
+//!   when the UDF's per-row export provably writes no instance state ([`super::purity`]): then
+//!   one instance serves every row, which is the same thing, with its fuel reset per row.
+//! - **Batch mode**, for modules an operator reviewed: one fresh instance per batch of rows.
+//!
+//! A call that traps, runs out of fuel or memory, or answers a malformed frame yields the
+//! declared default for its rows (in batch mode the batch is retried row by row first), so a
+//! failure depends on one row at most and is never reported. Only a failure to instantiate
+//! (the pool is full — independent of the data) fails the query.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray};
+use arrow::buffer::{NullBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::common::{Result as DfResult, exec_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use unseen_guest::contract::{
+    BLOCK_PREFIX, EXPORT_ALLOC, EXPORT_MEMORY, ROW_PREFIX, SIGNATURE_PREFIX, UDF_PREFIX,
+    UdfSignature, UdfType, Value,
+};
+use unseen_guest::frame::{self, Data};
+use wasmtime::{InstancePre, ResourceLimiter, Store, Val};
+
+use crate::config::Limits;
+
+/// What a guest function instance may hold.
+pub struct FnState {
+    max_memory: usize,
+    max_table: usize,
+}
+
+impl ResourceLimiter for FnState {
+    fn memory_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.max_memory)
+    }
+
+    fn table_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.max_table)
+    }
+}
+
+/// How a module's UDFs run, recorded in the ledger with each release that used them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UdfMode {
+    /// No state crosses rows (the default).
+    Unit,
+    /// One instance per batch: only for modules the scenario's operator marked reviewed.
+    Batch,
+}
+
+impl UdfMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UdfMode::Unit => "wasm_unit",
+            UdfMode::Batch => "wasm_batch",
+        }
+    }
+}
+
+/// One exported UDF.
+#[derive(Debug, Clone)]
+pub struct UdfInfo {
+    pub name: String,
+    pub signature: UdfSignature,
+    /// The per-row export exists and writes no instance state.
+    pub pure_row: bool,
+}
+
+/// Why a guest call gave no usable answer.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// No instance could be made (the pool is full): not the data's doing; the query fails.
+    Instantiate,
+    /// The guest trapped, ran out of fuel or memory, or answered garbage: the default.
+    Guest,
+}
+
+/// A module's guest functions as one job may run them.
+pub struct GuestFunctions {
+    pre: InstancePre<FnState>,
+    pub hash: String,
+    pub udfs: Vec<UdfInfo>,
+    pub blocks: Vec<String>,
+    pub mode: UdfMode,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for GuestFunctions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestFunctions")
+            .field("hash", &self.hash)
+            .field("udfs", &self.udfs)
+            .field("blocks", &self.blocks)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// Fuel for reading a signature at upload.
+const SIGNATURE_FUEL: u64 = 10_000_000;
+/// Longest signature JSON.
+const MAX_SIGNATURE_BYTES: usize = 64 << 10;
+
+impl GuestFunctions {
+    pub(crate) fn new(
+        pre: InstancePre<FnState>,
+        hash: String,
+        udfs: Vec<UdfInfo>,
+        blocks: Vec<String>,
+        mode: UdfMode,
+        limits: Limits,
+    ) -> Self {
+        GuestFunctions {
+            pre,
+            hash,
+            udfs,
+            blocks,
+            mode,
+            limits,
+        }
+    }
+
+    fn store(&self, fuel: u64) -> Store<FnState> {
+        let mut store = Store::new(
+            self.pre.module().engine(),
+            FnState {
+                max_memory: self.limits.max_memory_bytes,
+                max_table: self.limits.max_table_elements as usize,
+            },
+        );
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        // Fuel is on in the engine, so this cannot fail.
+        let _ = store.set_fuel(fuel);
+        store
+    }
+
+    /// Runs `export` over a frame in a fresh instance: the frame it answers.
+    pub(crate) fn call_frame(
+        &self,
+        export: &str,
+        input: &[u8],
+        fuel: u64,
+    ) -> Result<Vec<u8>, CallError> {
+        let mut store = self.store(fuel);
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|_| CallError::Instantiate)?;
+        let guest = |_| CallError::Guest;
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, EXPORT_ALLOC)
+            .map_err(guest)?;
+        let function = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, export)
+            .map_err(guest)?;
+        let memory = instance
+            .get_memory(&mut store, EXPORT_MEMORY)
+            .ok_or(CallError::Guest)?;
+        let len = i32::try_from(input.len()).map_err(|_| CallError::Guest)?;
+        let ptr = alloc.call(&mut store, len).map_err(guest)?;
+        memory
+            .write(&mut store, ptr as u32 as usize, input)
+            .map_err(|_| CallError::Guest)?;
+        let out = function.call(&mut store, (ptr, len)).map_err(guest)?;
+        if out < 0 {
+            return Err(CallError::Guest);
+        }
+        let data = memory.data(&store);
+        let at = out as u32 as usize;
+        let n = data
+            .get(at..at.saturating_add(4))
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or(CallError::Guest)?;
+        if n > self.limits.max_message_bytes.max(input.len() * 2) {
+            return Err(CallError::Guest);
+        }
+        data.get(at + 4..(at + 4).saturating_add(n))
+            .map(<[u8]>::to_vec)
+            .ok_or(CallError::Guest)
+    }
+
+    /// Reads a UDF's declared signature (at upload).
+    pub(crate) fn read_signature(&self, name: &str) -> Result<UdfSignature, String> {
+        let mut store = self.store(SIGNATURE_FUEL);
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|_| "the module could not be instantiated".to_string())?;
+        let sig = instance
+            .get_typed_func::<(), i64>(&mut store, &format!("{SIGNATURE_PREFIX}{name}"))
+            .map_err(|_| format!("it has no `{SIGNATURE_PREFIX}{name}() -> i64` export"))?;
+        let packed = sig
+            .call(&mut store, ())
+            .map_err(|_| "its signature export failed".to_string())?;
+        let (ptr, len) = ((packed >> 32) as u32 as usize, packed as u32 as usize);
+        if len > MAX_SIGNATURE_BYTES {
+            return Err("its signature is too long".into());
+        }
+        let memory = instance
+            .get_memory(&mut store, EXPORT_MEMORY)
+            .ok_or("the module exports no memory")?;
+        let bytes = memory
+            .data(&store)
+            .get(ptr..ptr.saturating_add(len))
+            .ok_or("its signature lies outside memory")?;
+        serde_json::from_slice(bytes).map_err(|_| "its signature is not valid JSON".into())
+    }
+
+    /// The module's UDFs as DataFusion functions, for one job's session.
+    pub fn scalar_udfs(self: &Arc<Self>) -> Vec<ScalarUDF> {
+        (0..self.udfs.len())
+            .map(|index| {
+                let s = &self.udfs[index].signature;
+                ScalarUDF::new_from_impl(WasmUdf {
+                    functions: self.clone(),
+                    index,
+                    signature: Signature::exact(
+                        s.args.iter().map(|t| arrow_type(*t)).collect(),
+                        Volatility::Immutable,
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    fn evaluate(&self, udf: &UdfInfo, args: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+        if self.mode == UdfMode::Batch {
+            match self.batch(udf, args, rows) {
+                Ok(array) => return Ok(array),
+                Err(CallError::Instantiate) => return exec_err!("no wasm instance slot"),
+                // Retried row by row, so only the rows that fail get the default.
+                Err(CallError::Guest) => {}
+            }
+        }
+        self.per_row(udf, args, rows)
+    }
+
+    fn batch(&self, udf: &UdfInfo, args: &[ArrayRef], rows: usize) -> Result<ArrayRef, CallError> {
+        let input = encode_arrays(args, rows).map_err(|_| CallError::Guest)?;
+        let fuel = self
+            .limits
+            .udf_fuel_per_row
+            .saturating_mul(rows.max(1) as u64);
+        let out = self.call_frame(&format!("{UDF_PREFIX}{}", udf.name), &input, fuel)?;
+        decode_result(&out, udf.signature.returns, rows).ok_or(CallError::Guest)
+    }
+
+    fn per_row(&self, udf: &UdfInfo, args: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+        let mut out = Results::new(udf.signature.returns, rows);
+        if udf.pure_row {
+            // One instance for every row: the function cannot write its state (see purity.rs).
+            let mut store = self.store(0);
+            let Ok(instance) = self.pre.instantiate(&mut store) else {
+                return exec_err!("no wasm instance slot");
+            };
+            let Some(function) =
+                instance.get_func(&mut store, &format!("{ROW_PREFIX}{}", udf.name))
+            else {
+                return exec_err!("the UDF's row export vanished");
+            };
+            let mut params = vec![Val::I32(0); args.len()];
+            let mut result = [Val::I32(0)];
+            'rows: for row in 0..rows {
+                for (param, array) in params.iter_mut().zip(args) {
+                    if array.is_null(row) {
+                        out.push_null();
+                        continue 'rows;
+                    }
+                    *param = wasm_value(array, row);
+                }
+                let _ = store.set_fuel(self.limits.udf_fuel_per_row);
+                match function.call(&mut store, &params, &mut result) {
+                    Ok(()) => out.push_val(&result[0], &udf.signature.default),
+                    Err(_) => out.push_value(&udf.signature.default),
+                }
+            }
+        } else {
+            let export = format!("{UDF_PREFIX}{}", udf.name);
+            for row in 0..rows {
+                let one: Vec<ArrayRef> = args.iter().map(|a| a.slice(row, 1)).collect();
+                let answer = encode_arrays(&one, 1)
+                    .map_err(|_| CallError::Guest)
+                    .and_then(|input| {
+                        self.call_frame(&export, &input, self.limits.udf_fuel_per_row)
+                    });
+                match answer.map(|bytes| decode_result(&bytes, udf.signature.returns, 1)) {
+                    Ok(Some(array)) => out.push_array(&array),
+                    Ok(None) | Err(CallError::Guest) => out.push_value(&udf.signature.default),
+                    Err(CallError::Instantiate) => return exec_err!("no wasm instance slot"),
+                }
+            }
+        }
+        Ok(out.finish())
+    }
+
+    /// Runs the block function `function` over each frame, each in a fresh instance, on two
+    /// threads. `None` for a block whose call failed or answered other than `outputs` finite
+    /// numbers.
+    pub(crate) fn run_blocks(
+        &self,
+        function: &str,
+        frames: &[Vec<u8>],
+        outputs: usize,
+    ) -> Result<Vec<Option<Vec<f64>>>, CallError> {
+        let export = format!("{BLOCK_PREFIX}{function}");
+        let run = |frames: &[Vec<u8>]| -> Result<Vec<Option<Vec<f64>>>, CallError> {
+            frames
+                .iter()
+                .map(
+                    |f| match self.call_frame(&export, f, self.limits.block_fuel) {
+                        Ok(bytes) => Ok(block_values(&bytes, outputs)),
+                        Err(CallError::Guest) => Ok(None),
+                        Err(CallError::Instantiate) => Err(CallError::Instantiate),
+                    },
+                )
+                .collect()
+        };
+        let (left, right) = frames.split_at(frames.len() / 2);
+        let (mut a, b) = std::thread::scope(|scope| {
+            let other = scope.spawn(|| run(right));
+            let mine = run(left);
+            (mine, other.join().unwrap_or(Err(CallError::Instantiate)))
+        });
+        if let (Ok(a), Ok(b)) = (&mut a, b) {
+            a.extend(b);
+        } else {
+            return Err(CallError::Instantiate);
+        }
+        a
+    }
+}
+
+fn block_values(bytes: &[u8], outputs: usize) -> Option<Vec<f64>> {
+    let (rows, columns) = frame::decode(bytes).ok()?;
+    match columns.as_slice() {
+        [
+            frame::Column {
+                data: Data::Float64(v),
+                valid: None,
+            },
+        ] if rows == outputs && v.iter().all(|x| x.is_finite()) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+pub fn arrow_type(t: UdfType) -> DataType {
+    match t {
+        UdfType::Float64 => DataType::Float64,
+        UdfType::Int64 => DataType::Int64,
+        UdfType::Boolean => DataType::Boolean,
+        UdfType::Utf8 => DataType::Utf8,
+    }
+}
+
+fn wasm_value(array: &ArrayRef, row: usize) -> Val {
+    match array.data_type() {
+        DataType::Float64 => Val::F64(array.as_primitive::<Float64Type>().value(row).to_bits()),
+        DataType::Int64 => Val::I64(array.as_primitive::<Int64Type>().value(row)),
+        DataType::Boolean => Val::I32(array.as_boolean().value(row) as i32),
+        _ => Val::I32(0),
+    }
+}
+
+/// Arrow arrays as a frame: Float64/Int64 values are copied as they lie in memory, other
+/// integer and float types widened, strings as offsets and bytes. Other types are refused.
+pub fn encode_arrays(arrays: &[ArrayRef], rows: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(8 + arrays.len() * (2 + rows * 9));
+    frame::put_header(&mut out, rows, arrays.len());
+    for array in arrays {
+        let array: ArrayRef = match array.data_type() {
+            DataType::Float64 | DataType::Int64 | DataType::Boolean | DataType::Utf8 => {
+                array.clone()
+            }
+            DataType::Float32 => cast(array, &DataType::Float64)?,
+            DataType::Utf8View | DataType::LargeUtf8 => cast(array, &DataType::Utf8)?,
+            t if t.is_integer() => cast(array, &DataType::Int64)?,
+            t => {
+                return Err(format!(
+                    "columns of type {t} cannot be passed to guest code"
+                ));
+            }
+        };
+        if array.len() != rows {
+            return Err("a column of the wrong length".into());
+        }
+        let tag = match array.data_type() {
+            DataType::Float64 => UdfType::Float64,
+            DataType::Int64 => UdfType::Int64,
+            DataType::Boolean => UdfType::Boolean,
+            _ => UdfType::Utf8,
+        };
+        out.push(frame::type_tag(tag));
+        if array.null_count() > 0 {
+            out.push(1);
+            out.extend((0..rows).map(|i| array.is_valid(i) as u8));
+        } else {
+            out.push(0);
+        }
+        match tag {
+            UdfType::Float64 => {
+                for v in array.as_primitive::<Float64Type>().values().iter() {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            UdfType::Int64 => {
+                for v in array.as_primitive::<Int64Type>().values().iter() {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            UdfType::Boolean => {
+                let b = array.as_boolean();
+                out.extend((0..rows).map(|i| b.value(i) as u8));
+            }
+            UdfType::Utf8 => {
+                let s = array.as_string::<i32>();
+                let offsets = s.value_offsets();
+                let base = offsets[0];
+                for o in offsets {
+                    out.extend_from_slice(&((o - base) as u32).to_le_bytes());
+                }
+                out.extend_from_slice(&s.value_data()[base as usize..offsets[rows] as usize]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn cast(array: &ArrayRef, to: &DataType) -> Result<ArrayRef, String> {
+    arrow::compute::cast(array, to).map_err(|_| format!("cannot pass a column as {to}"))
+}
+
+/// A UDF's answer frame as an Arrow array: exactly `rows` values of the declared type.
+fn decode_result(bytes: &[u8], returns: UdfType, rows: usize) -> Option<ArrayRef> {
+    let (n, mut columns) = frame::decode(bytes).ok()?;
+    if n != rows || columns.len() != 1 || columns[0].data.udf_type() != returns {
+        return None;
+    }
+    let column = columns.pop()?;
+    let nulls = column.valid.map(|v| NullBuffer::from(v));
+    Some(match column.data {
+        Data::Float64(v) => Arc::new(Float64Array::new(ScalarBuffer::from(v), nulls)),
+        Data::Int64(v) => Arc::new(Int64Array::new(ScalarBuffer::from(v), nulls)),
+        Data::Boolean(v) => Arc::new(BooleanArray::new(v.into(), nulls)),
+        Data::Utf8(v) => {
+            let valid = nulls.as_ref();
+            Arc::new(StringArray::from_iter(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, s)| valid.is_none_or(|n| n.is_valid(i)).then_some(s)),
+            ))
+        }
+    })
+}
+
+/// A UDF's results, row by row.
+enum Results {
+    Float64(Vec<Option<f64>>),
+    Int64(Vec<Option<i64>>),
+    Boolean(Vec<Option<bool>>),
+    Utf8(Vec<Option<String>>),
+}
+
+impl Results {
+    fn new(t: UdfType, rows: usize) -> Self {
+        match t {
+            UdfType::Float64 => Results::Float64(Vec::with_capacity(rows)),
+            UdfType::Int64 => Results::Int64(Vec::with_capacity(rows)),
+            UdfType::Boolean => Results::Boolean(Vec::with_capacity(rows)),
+            UdfType::Utf8 => Results::Utf8(Vec::with_capacity(rows)),
+        }
+    }
+
+    fn push_null(&mut self) {
+        match self {
+            Results::Float64(v) => v.push(None),
+            Results::Int64(v) => v.push(None),
+            Results::Boolean(v) => v.push(None),
+            Results::Utf8(v) => v.push(None),
+        }
+    }
+
+    /// A declared value (a default), already checked against the type at upload.
+    fn push_value(&mut self, value: &Value) {
+        match (self, value) {
+            (Results::Float64(v), x) => v.push(x.as_f64()),
+            (Results::Int64(v), Value::Int(i)) => v.push(Some(*i)),
+            (Results::Boolean(v), Value::Bool(b)) => v.push(Some(*b)),
+            (Results::Utf8(v), Value::Text(s)) => v.push(Some(s.clone())),
+            (this, _) => this.push_null(),
+        }
+    }
+
+    fn push_val(&mut self, val: &Val, default: &Value) {
+        match (&mut *self, val) {
+            (Results::Float64(v), Val::F64(bits)) => v.push(Some(f64::from_bits(*bits))),
+            (Results::Int64(v), Val::I64(i)) => v.push(Some(*i)),
+            (Results::Boolean(v), Val::I32(i)) => v.push(Some(*i != 0)),
+            _ => self.push_value(default),
+        }
+    }
+
+    fn push_array(&mut self, array: &ArrayRef) {
+        if array.is_null(0) {
+            return self.push_null();
+        }
+        match self {
+            Results::Float64(v) => v.push(Some(array.as_primitive::<Float64Type>().value(0))),
+            Results::Int64(v) => v.push(Some(array.as_primitive::<Int64Type>().value(0))),
+            Results::Boolean(v) => v.push(Some(array.as_boolean().value(0))),
+            Results::Utf8(v) => v.push(Some(array.as_string::<i32>().value(0).to_string())),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Results::Float64(v) => Arc::new(Float64Array::from(v)),
+            Results::Int64(v) => Arc::new(Int64Array::from(v)),
+            Results::Boolean(v) => Arc::new(BooleanArray::from(v)),
+            Results::Utf8(v) => Arc::new(StringArray::from(v)),
+        }
+    }
+}
+
+/// A guest UDF in a DataFusion session.
+#[derive(Debug)]
+pub struct WasmUdf {
+    functions: Arc<GuestFunctions>,
+    index: usize,
+    signature: Signature,
+}
+
+impl WasmUdf {
+    /// The mode this UDF runs in (what the ledger records).
+    pub fn mode(&self) -> UdfMode {
+        self.functions.mode
+    }
+
+    fn info(&self) -> &UdfInfo {
+        &self.functions.udfs[self.index]
+    }
+}
+
+impl PartialEq for WasmUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.functions.hash == other.functions.hash
+            && self.index == other.index
+            && self.functions.mode == other.functions.mode
+    }
+}
+
+impl Eq for WasmUdf {}
+
+impl Hash for WasmUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.functions.hash.hash(state);
+        self.index.hash(state);
+        self.functions.mode.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for WasmUdf {
+    fn name(&self) -> &str {
+        &self.info().name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(arrow_type(self.info().signature.returns))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let rows = args.number_rows;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let arrays: Vec<ArrayRef> = arrays
+            .into_iter()
+            .map(|a| {
+                if a.len() == rows {
+                    a
+                } else {
+                    // A scalar argument expanded to one row: repeat it.
+                    let idx = arrow::array::UInt32Array::from(vec![0u32; rows]);
+                    arrow::compute::take(&a, &idx, None).unwrap_or(a)
+                }
+            })
+            .collect();
+        Ok(ColumnarValue::Array(self.functions.evaluate(
+            self.info(),
+            &arrays,
+            rows,
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrow_columns_encode_to_frames_the_guest_decodes_exactly() {
+        let f: ArrayRef = Arc::new(Float64Array::from(vec![Some(1.5), None, Some(-2.0)]));
+        let i: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3]));
+        let s: ArrayRef = Arc::new(StringArray::from(vec!["a", "bc", "d"]));
+        // A slice: offsets no longer start at zero.
+        let s = s.slice(0, 3);
+        let b: ArrayRef = Arc::new(BooleanArray::from(vec![true, false, true]));
+        let bytes = encode_arrays(&[f, i, s.slice(0, 3), b], 3).unwrap();
+        let (rows, columns) = frame::decode(&bytes).unwrap();
+        assert_eq!(rows, 3);
+        assert_eq!(columns[0].data, Data::Float64(vec![1.5, 0.0, -2.0]));
+        assert_eq!(columns[0].valid, Some(vec![true, false, true]));
+        assert_eq!(columns[1].data, Data::Int64(vec![1, 2, 3]));
+        assert_eq!(
+            columns[2].data,
+            Data::Utf8(vec!["a".into(), "bc".into(), "d".into()])
+        );
+        assert_eq!(columns[3].data, Data::Boolean(vec![true, false, true]));
+        let sliced: ArrayRef = Arc::new(StringArray::from(vec!["x", "yy", "zzz"]));
+        let bytes = encode_arrays(&[sliced.slice(1, 2)], 2).unwrap();
+        let (_, columns) = frame::decode(&bytes).unwrap();
+        assert_eq!(columns[0].data, Data::Utf8(vec!["yy".into(), "zzz".into()]));
+    }
+}
