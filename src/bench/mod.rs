@@ -2,8 +2,8 @@
 //! the real gate (planning, ledger reservation and commit, DataFusion, OpenDP noise) and as the
 //! same aggregation in plain DataFusion with no gate, on any Parquet file with the trips
 //! columns. One JSON line per (question, mode), with the field names issue 7 fixes, so other
-//! tools can read them. Q5 and Q6 need gate features not built yet (wasm UDFs,
-//! sample-and-aggregate) and are refused by name.
+//! tools can read them. Q5 runs its mean with a built-in expression and with the Q5 example's
+//! wasm UDF per batch and per unit; Q6 runs the Q6 example's median by sample-and-aggregate.
 
 pub mod http;
 
@@ -16,7 +16,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use serde_json::json;
-use unseen_guest::contract::QueryRequest;
+use unseen_guest::contract::{BlockOutput, QueryRequest, SampleAggregate};
 
 use crate::catalog::DatasetPolicy;
 use crate::config::Limits;
@@ -38,7 +38,29 @@ struct Question {
     rows_per_person: Option<u64>,
     /// δ for questions whose keys are not public.
     delta: Option<f64>,
+    /// Clamping bounds: the column (or UDF) and its range.
+    bound: (&'static str, f64, f64),
+    /// The modes run through the gate, each with the SQL it runs if not `gate_sql`.
+    modes: &'static [(&'static str, Option<&'static str>)],
+    /// Sample-and-aggregate with the Q6 example's `median` over this many blocks.
+    blocks: Option<u32>,
 }
+
+const GATE: &[(&str, Option<&str>)] = &[("gate", None)];
+/// Q5: the mean of fare per km with a built-in expression, then with the Q5 example's UDF per
+/// batch (reviewed module), per unit (a state-free row function: one shared instance), and
+/// per unit with a fresh instance for every row (what a UDF that writes state costs).
+const Q5_MODES: &[(&str, Option<&str>)] = &[
+    (
+        "builtin",
+        Some(
+            "SELECT district, hour, AVG(r) AS fare_per_km FROM (SELECT district, hour, fare / distance_km AS r FROM trips) GROUP BY district, hour",
+        ),
+    ),
+    ("wasm_batch", None),
+    ("wasm_unit", None),
+    ("wasm_unit_fresh", None),
+];
 
 const CLAMPED: &str = "CASE WHEN fare < 0 THEN 0.0 WHEN fare > 100 THEN 100.0 ELSE fare END";
 
@@ -52,6 +74,9 @@ fn questions() -> Vec<Question> {
             measures: &["trips", "fare_sum"],
             rows_per_person: None,
             delta: None,
+            bound: ("fare", 0.0, 100.0),
+            modes: GATE,
+            blocks: None,
         },
         // Plain DataFusion has no person bound to apply: its line is Q1's exact aggregation,
         // and the MAE counts the rows the bound drops as error.
@@ -63,6 +88,9 @@ fn questions() -> Vec<Question> {
             measures: &["trips", "fare_sum"],
             rows_per_person: Some(10),
             delta: None,
+            bound: ("fare", 0.0, 100.0),
+            modes: GATE,
+            blocks: None,
         },
         Question {
             id: "Q3",
@@ -72,6 +100,9 @@ fn questions() -> Vec<Question> {
             measures: &["mean_fare"],
             rows_per_person: None,
             delta: None,
+            bound: ("fare", 0.0, 100.0),
+            modes: GATE,
+            blocks: None,
         },
         // Cells are not public: the gate picks which to release (Laplace threshold, δ 1e-6).
         // Plain DataFusion releases every cell; MAE is over the cells the gate released.
@@ -83,6 +114,34 @@ fn questions() -> Vec<Question> {
             measures: &["trips"],
             rows_per_person: None,
             delta: Some(1e-6),
+            bound: ("fare", 0.0, 100.0),
+            modes: GATE,
+            blocks: None,
+        },
+        Question {
+            id: "Q5",
+            gate_sql: "SELECT district, hour, AVG(fare_per_km(fare, distance_km)) AS fare_per_km FROM trips GROUP BY district, hour",
+            plain_sql: "SELECT district, hour, AVG(CASE WHEN fare / distance_km < 0 THEN 0.0 WHEN fare / distance_km > 20 THEN 20.0 ELSE fare / distance_km END) AS fare_per_km FROM trips GROUP BY district, hour",
+            keys: 2,
+            measures: &["fare_per_km"],
+            rows_per_person: None,
+            delta: None,
+            bound: ("fare_per_km", 0.0, 20.0),
+            modes: Q5_MODES,
+            blocks: None,
+        },
+        // The median of each of 1,000 blocks of persons, clamped to [0, 100], DP-averaged.
+        Question {
+            id: "Q6",
+            gate_sql: "SELECT fare FROM trips",
+            plain_sql: "SELECT median(CLAMPED) AS median_fare FROM trips",
+            keys: 0,
+            measures: &["median_fare"],
+            rows_per_person: Some(20),
+            delta: None,
+            bound: ("fare", 0.0, 100.0),
+            modes: GATE,
+            blocks: Some(1000),
         },
     ]
 }
@@ -157,11 +216,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         .with_context(|| format!("no file {}", opts.data.display()))?;
     let wanted: Vec<Question> = match opts.query.to_ascii_uppercase().as_str() {
         "ALL" => questions(),
-        q @ ("Q1" | "Q2" | "Q3" | "Q4") => questions().into_iter().filter(|x| x.id == q).collect(),
-        q @ ("Q5" | "Q6") => {
-            bail!("{q} needs gate features not built yet (Q5: wasm UDFs; Q6: sample-and-aggregate)")
+        q @ ("Q1" | "Q2" | "Q3" | "Q4" | "Q5" | "Q6") => {
+            questions().into_iter().filter(|x| x.id == q).collect()
         }
-        other => bail!("unknown question {other:?}: give Q1, Q2, Q3, Q4 or all"),
+        other => bail!("unknown question {other:?}: give Q1 … Q6 or all"),
     };
     let runs = opts.runs.max(1);
     let rows =
@@ -172,12 +230,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         })?;
     let rows_gate = GateFixture::new(&data, None).await?;
     let person_gate = GateFixture::new(&data, Some(10)).await?;
+    let person_gate_20 = GateFixture::new(&data, Some(20)).await?;
+    let sandbox = crate::sandbox::Sandbox::new(Limits::default())?;
+    let q5 = sandbox.validate(crate::examples::FARE_PER_KM)?;
+    let q6 = sandbox.validate(crate::examples::MEDIAN)?;
+    use crate::sandbox::functions::UdfMode;
 
     for q in wanted {
-        let gate = if q.rows_per_person.is_some() {
-            &person_gate
-        } else {
-            &rows_gate
+        let gate = match q.rows_per_person {
+            Some(20) => &person_gate_20,
+            Some(_) => &person_gate,
+            None => &rows_gate,
         };
         // Plain DataFusion, default session: the ceiling.
         reset_peak_rss();
@@ -200,13 +263,12 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         let mut without_load = Vec::new();
         if !opts.streaming {
             let mem = SessionContext::new();
-            let loaded = ctx.table("trips").await?.collect_partitioned().await?;
+            let table = ctx.table("trips").await?;
+            let schema = table.schema().inner().clone();
+            let loaded = table.collect_partitioned().await?;
             mem.register_table(
                 "trips",
-                std::sync::Arc::new(datafusion::datasource::MemTable::try_new(
-                    loaded[0][0].schema(),
-                    loaded,
-                )?),
+                std::sync::Arc::new(datafusion::datasource::MemTable::try_new(schema, loaded)?),
             )?;
             for _ in 0..runs {
                 let t = Instant::now();
@@ -226,87 +288,140 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             json!(null),
         );
 
-        // Through the gate, from the Parquet file and from memory.
-        reset_peak_rss();
-        let request = QueryRequest {
-            sql: q.gate_sql.into(),
-            epsilon: 1.0,
-            bounds: [("fare".to_string(), [0.0, 100.0])].into(),
-            max_rows_per_unit: q.rows_per_person,
-            delta: q.delta,
-            ..Default::default()
-        };
-        let mut with_load = Vec::new();
-        let mut without_load = Vec::new();
-        let mut errors: Vec<Vec<f64>> = vec![Vec::new(); q.measures.len()];
-        let (mut groups, mut epsilon) = (0, 0.0);
-        for (in_memory, times) in [(false, &mut with_load), (true, &mut without_load)] {
-            if in_memory && opts.streaming {
+        // Through the gate, from the Parquet file and from memory, in each of its modes.
+        let mut per_mode = Vec::new();
+        for (mode, sql) in q.modes {
+            reset_peak_rss();
+            let (name, lo, hi) = q.bound;
+            let bound_name = if *mode == "builtin" { "r" } else { name };
+            let request = QueryRequest {
+                sql: sql.unwrap_or(q.gate_sql).into(),
+                epsilon: 1.0,
+                bounds: [(bound_name.to_string(), [lo, hi])].into(),
+                max_rows_per_unit: q.rows_per_person.filter(|_| q.blocks.is_none()),
+                delta: q.delta,
+                sample_aggregate: q.blocks.map(|blocks| SampleAggregate {
+                    function: "median".into(),
+                    blocks,
+                    outputs: vec![BlockOutput {
+                        name: "median_fare".into(),
+                        lower: lo,
+                        upper: hi,
+                        default: None,
+                    }],
+                }),
+                ..Default::default()
+            };
+            let guest = match *mode {
+                "wasm_batch" => Some(sandbox.functions(&q5, UdfMode::Batch)),
+                "wasm_unit" => Some(sandbox.functions(&q5, UdfMode::Unit)),
+                "wasm_unit_fresh" => Some(std::sync::Arc::new(
+                    (*sandbox.functions(&q5, UdfMode::Unit))
+                        .clone()
+                        .without_shared_instances(),
+                )),
+                _ if q.blocks.is_some() => Some(sandbox.functions(&q6, UdfMode::Unit)),
+                _ => None,
+            };
+            // Every row in a fresh instance costs tens of microseconds a row: one run, from memory
+            // only, and only on files of up to 2M rows.
+            if *mode == "wasm_unit_fresh" && rows > 2_000_000 {
+                println!(
+                    "{}",
+                    json!({"query": q.id, "mode": mode, "rows": rows, "skipped": "a fresh instance per row: run it on a file of at most 2M rows"})
+                );
                 continue;
             }
-            let grant = gate
-                .gate
-                .open_job(
-                    &crate::new_id("bench"),
-                    &gate.developer,
-                    &gate.scenario,
-                    in_memory,
-                    None,
-                )
-                .await?;
-            for _ in 0..runs {
-                let t = Instant::now();
-                let released = gate
+            let (runs, streaming) = if *mode == "wasm_unit_fresh" {
+                (1, opts.streaming)
+            } else {
+                (runs, opts.streaming)
+            };
+            let mut with_load = Vec::new();
+            let mut without_load = Vec::new();
+            let mut errors: Vec<Vec<f64>> = vec![Vec::new(); q.measures.len()];
+            let (mut groups, mut epsilon) = (0, 0.0);
+            for (in_memory, times) in [(false, &mut with_load), (true, &mut without_load)] {
+                if (in_memory && streaming) || (!in_memory && *mode == "wasm_unit_fresh") {
+                    continue;
+                }
+                let grant = gate
                     .gate
-                    .release(&grant, &request)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}", e.to_query_error()))?;
-                times.push(t.elapsed().as_secs_f64());
-                let r = released.release;
-                epsilon = r.epsilon;
-                groups = r
-                    .rows
-                    .iter()
-                    .filter(|row| row[q.keys].as_f64().is_some())
-                    .count();
-                for row in &r.rows {
-                    let key: Vec<String> = row[..q.keys]
+                    .open_job(
+                        &crate::new_id("bench"),
+                        &gate.developer,
+                        &gate.scenario,
+                        in_memory,
+                        guest.clone(),
+                    )
+                    .await?;
+                for _ in 0..runs {
+                    let t = Instant::now();
+                    let released = gate
+                        .gate
+                        .release(&grant, &request)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}", e.to_query_error()))?;
+                    times.push(t.elapsed().as_secs_f64());
+                    let r = released.release;
+                    epsilon = r.epsilon;
+                    groups = r
+                        .rows
                         .iter()
-                        .map(|v| {
-                            v.as_str()
-                                .map(String::from)
-                                .or(v.as_f64().map(|f| f.to_string()))
-                                .unwrap_or_default()
-                        })
-                        .collect();
-                    let Some(truth) = exact.get(&key) else {
-                        continue;
-                    };
-                    for (m, t) in truth.iter().enumerate() {
-                        if let (Some(noisy), Some(t)) = (row[q.keys + m].as_f64(), t) {
-                            errors[m].push((noisy - t).abs());
+                        .filter(|row| row[q.keys].as_f64().is_some())
+                        .count();
+                    for row in &r.rows {
+                        let key: Vec<String> = row[..q.keys]
+                            .iter()
+                            .map(|v| {
+                                v.as_str()
+                                    .map(String::from)
+                                    .or(v.as_f64().map(|f| f.to_string()))
+                                    .unwrap_or_default()
+                            })
+                            .collect();
+                        let Some(truth) = exact.get(&key) else {
+                            continue;
+                        };
+                        for (m, t) in truth.iter().enumerate() {
+                            if let (Some(noisy), Some(t)) = (row[q.keys + m].as_f64(), t) {
+                                errors[m].push((noisy - t).abs());
+                            }
                         }
                     }
                 }
             }
+            let mae: serde_json::Map<String, serde_json::Value> = q
+                .measures
+                .iter()
+                .zip(&errors)
+                .map(|(name, e)| {
+                    (
+                        name.to_string(),
+                        json!(e.iter().sum::<f64>() / e.len().max(1) as f64),
+                    )
+                })
+                .collect();
+            let gated = (median(without_load), median(with_load));
+            line(q.id, mode, rows, runs, gated, groups, epsilon, json!(mae));
+            per_mode.push((*mode, gated));
         }
-        let mae: serde_json::Map<String, serde_json::Value> = q
-            .measures
-            .iter()
-            .zip(&errors)
-            .map(|(name, e)| {
-                (
-                    name.to_string(),
-                    json!(e.iter().sum::<f64>() / e.len().max(1) as f64),
-                )
-            })
-            .collect();
-        let gated = (median(without_load), median(with_load));
-        line(q.id, "gate", rows, runs, gated, groups, epsilon, json!(mae));
-        println!(
-            "{}",
-            json!({"query": q.id, "privacy_overhead": {"wall_s": gated.0 / plain.0, "wall_with_load_s": gated.1 / plain.1}})
-        );
+        let (_, base) = per_mode[0];
+        if q.id == "Q5" {
+            let ratios: serde_json::Map<String, serde_json::Value> = per_mode[1..]
+                .iter()
+                .map(|(m, t)| (m.to_string(), json!(t.0 / base.0)))
+                .collect();
+            println!(
+                "{}",
+                json!({"query": q.id, "wasm_overhead_vs_builtin": ratios})
+            );
+        } else {
+            println!(
+                "{}",
+                json!({"query": q.id, "privacy_overhead": {"wall_s": base.0 / plain.0, "wall_with_load_s": base.1 / plain.1}})
+            );
+        }
     }
     Ok(())
 }
@@ -375,6 +490,7 @@ impl GateFixture {
                     "hour".into(),
                     "cell".into(),
                     "fare".into(),
+                    "distance_km".into(),
                 ],
             )]
             .into(),
@@ -430,7 +546,36 @@ pub fn instantiation(runs: usize) -> anyhow::Result<()> {
                 "op": "instantiate",
                 "module": name,
                 "module_bytes": wasm.len(),
-                "allocator": "on-demand",
+                "allocator": "pooling",
+                "runs": us.len(),
+                "p50_us": us[us.len() / 2],
+                "p99_us": us[(us.len() * 99).div_ceil(100) - 1],
+            })
+        );
+    }
+    // What unit mode pays per row (for a UDF that writes state) and sample-and-aggregate per
+    // block: a fresh instance from the pool, with no host functions linked.
+    for (name, wasm) in [
+        ("fare_per_km", crate::examples::FARE_PER_KM),
+        ("median", crate::examples::MEDIAN),
+    ] {
+        let module = sandbox.validate(wasm)?;
+        let functions = sandbox.functions(&module, crate::sandbox::functions::UdfMode::Unit);
+        functions
+            .time_instantiation(100)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let mut us = functions
+            .time_instantiation(runs.max(1))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        us.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            json!({
+                "bench": "sandbox",
+                "op": "instantiate_function_instance",
+                "module": name,
+                "module_bytes": wasm.len(),
+                "allocator": "pooling",
                 "runs": us.len(),
                 "p50_us": us[us.len() / 2],
                 "p99_us": us[(us.len() * 99).div_ceil(100) - 1],

@@ -735,7 +735,7 @@ fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
         refuse(
             "expression_not_allowed",
             format!(
-                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals), widening casts and the module's own UDFs may appear before aggregation"
+                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals), widening casts, float arithmetic and the module's own UDFs may appear before aggregation"
             ),
         )
     };
@@ -743,6 +743,17 @@ fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
         Expr::Column(_) | Expr::Literal(..) => Ok(()),
         Expr::Alias(a) => check_expr(&a.expr, schema),
         Expr::BinaryExpr(b) => {
+            // Float arithmetic cannot fail (division by zero gives ±inf or NaN, which the
+            // clamp bounds); integer arithmetic can overflow or divide by zero, so it may not.
+            let float = |x: &Expr| {
+                x.get_type(schema)
+                    .is_ok_and(|t| matches!(t, DataType::Float64 | DataType::Float32))
+            };
+            if matches!(b.op, Plus | Minus | Multiply | Divide) && float(&b.left) && float(&b.right)
+            {
+                check_expr(&b.left, schema)?;
+                return check_expr(&b.right, schema);
+            }
             if matches!(
                 b.op,
                 Eq | NotEq | Lt | LtEq | Gt | GtEq | And | Or | IsDistinctFrom | IsNotDistinctFrom

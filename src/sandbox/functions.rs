@@ -8,7 +8,8 @@
 //!   Each row is evaluated in a fresh instance (pooled slots, copy-on-write memory), except
 //!   when the UDF's per-row export provably writes no instance state ([`super::purity`]): then
 //!   one instance serves every row, which is the same thing, with its fuel reset per row.
-//! - **Batch mode**, for modules an operator reviewed: one fresh instance per batch of rows.
+//! - **Batch mode**, for modules an operator reviewed: a batch of rows per call, into instances
+//!   kept warm from batch to batch of the job (so state can cross rows and batches).
 //!
 //! A call that traps, runs out of fuel or memory, or answers a malformed frame yields the
 //! declared default for its rows (in batch mode the batch is retried row by row first), so a
@@ -96,7 +97,62 @@ pub(crate) enum CallError {
     Guest,
 }
 
+/// An instance with its store.
+struct Warm {
+    store: Store<FnState>,
+    instance: wasmtime::Instance,
+}
+
+impl Warm {
+    /// Runs `export` over a frame with `fuel`: the frame it answers.
+    fn call(
+        &mut self,
+        export: &str,
+        input: &[u8],
+        fuel: u64,
+        limits: &Limits,
+    ) -> Result<Vec<u8>, CallError> {
+        let Warm { store, instance } = self;
+        let _ = store.set_fuel(fuel);
+        let guest = |_| CallError::Guest;
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut *store, EXPORT_ALLOC)
+            .map_err(guest)?;
+        let function = instance
+            .get_typed_func::<(i32, i32), i32>(&mut *store, export)
+            .map_err(guest)?;
+        let memory = instance
+            .get_memory(&mut *store, EXPORT_MEMORY)
+            .ok_or(CallError::Guest)?;
+        let len = i32::try_from(input.len()).map_err(|_| CallError::Guest)?;
+        let ptr = alloc.call(&mut *store, len).map_err(guest)?;
+        memory
+            .write(&mut *store, ptr as u32 as usize, input)
+            .map_err(|_| CallError::Guest)?;
+        let out = function.call(&mut *store, (ptr, len)).map_err(guest)?;
+        if out < 0 {
+            return Err(CallError::Guest);
+        }
+        let data = memory.data(&*store);
+        let at = out as u32 as usize;
+        let n = data
+            .get(at..at.saturating_add(4))
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or(CallError::Guest)?;
+        if n > limits.max_message_bytes.max(input.len() * 2) {
+            return Err(CallError::Guest);
+        }
+        data.get(at + 4..(at + 4).saturating_add(n))
+            .map(<[u8]>::to_vec)
+            .ok_or(CallError::Guest)
+    }
+}
+
+/// Instances kept between batches in batch mode: one per core.
+const WARM_INSTANCES: usize = 2;
+
 /// A module's guest functions as one job may run them.
+#[derive(Clone)]
 pub struct GuestFunctions {
     pre: InstancePre<FnState>,
     pub hash: String,
@@ -104,6 +160,9 @@ pub struct GuestFunctions {
     pub blocks: Vec<String>,
     pub mode: UdfMode,
     limits: Limits,
+    /// Batch mode only: instances reused from batch to batch of the job (a reviewed module's
+    /// state may cross batches; see the module docs).
+    warm: Arc<std::sync::Mutex<Vec<Warm>>>,
 }
 
 impl std::fmt::Debug for GuestFunctions {
@@ -138,6 +197,7 @@ impl GuestFunctions {
             blocks,
             mode,
             limits,
+            warm: Arc::default(),
         }
     }
 
@@ -155,6 +215,29 @@ impl GuestFunctions {
         store
     }
 
+    /// Every row in a fresh instance, even for row functions proven state-free (to measure
+    /// what the proof saves).
+    pub fn without_shared_instances(mut self) -> Self {
+        self.udfs.iter_mut().for_each(|u| u.pure_row = false);
+        self
+    }
+
+    /// Times `runs` fresh instances (store, fuel, limiter, instance from the pool: what unit
+    /// mode pays per row and sample-and-aggregate per block), in microseconds.
+    pub fn time_instantiation(&self, runs: usize) -> Result<Vec<f64>, String> {
+        let mut out = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let started = std::time::Instant::now();
+            let mut store = self.store(1_000_000);
+            self.pre
+                .instantiate(&mut store)
+                .map_err(|_| "no instance slot".to_string())?;
+            drop(store);
+            out.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(out)
+    }
+
     /// Runs `export` over a frame in a fresh instance: the frame it answers.
     pub(crate) fn call_frame(
         &self,
@@ -162,42 +245,17 @@ impl GuestFunctions {
         input: &[u8],
         fuel: u64,
     ) -> Result<Vec<u8>, CallError> {
-        let mut store = self.store(fuel);
+        self.instance()?.call(export, input, fuel, &self.limits)
+    }
+
+    /// A fresh instance from the pool.
+    fn instance(&self) -> Result<Warm, CallError> {
+        let mut store = self.store(0);
         let instance = self
             .pre
             .instantiate(&mut store)
             .map_err(|_| CallError::Instantiate)?;
-        let guest = |_| CallError::Guest;
-        let alloc = instance
-            .get_typed_func::<i32, i32>(&mut store, EXPORT_ALLOC)
-            .map_err(guest)?;
-        let function = instance
-            .get_typed_func::<(i32, i32), i32>(&mut store, export)
-            .map_err(guest)?;
-        let memory = instance
-            .get_memory(&mut store, EXPORT_MEMORY)
-            .ok_or(CallError::Guest)?;
-        let len = i32::try_from(input.len()).map_err(|_| CallError::Guest)?;
-        let ptr = alloc.call(&mut store, len).map_err(guest)?;
-        memory
-            .write(&mut store, ptr as u32 as usize, input)
-            .map_err(|_| CallError::Guest)?;
-        let out = function.call(&mut store, (ptr, len)).map_err(guest)?;
-        if out < 0 {
-            return Err(CallError::Guest);
-        }
-        let data = memory.data(&store);
-        let at = out as u32 as usize;
-        let n = data
-            .get(at..at.saturating_add(4))
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-            .ok_or(CallError::Guest)?;
-        if n > self.limits.max_message_bytes.max(input.len() * 2) {
-            return Err(CallError::Guest);
-        }
-        data.get(at + 4..(at + 4).saturating_add(n))
-            .map(<[u8]>::to_vec)
-            .ok_or(CallError::Guest)
+        Ok(Warm { store, instance })
     }
 
     /// Reads a UDF's declared signature (at upload).
@@ -262,8 +320,28 @@ impl GuestFunctions {
             .limits
             .udf_fuel_per_row
             .saturating_mul(rows.max(1) as u64);
-        let out = self.call_frame(&format!("{UDF_PREFIX}{}", udf.name), &input, fuel)?;
-        decode_result(&out, udf.signature.returns, rows).ok_or(CallError::Guest)
+        let pooled = self.warm.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut warm = match pooled {
+            Some(w) => w,
+            None => self.instance()?,
+        };
+        let out = warm.call(
+            &format!("{UDF_PREFIX}{}", udf.name),
+            &input,
+            fuel,
+            &self.limits,
+        );
+        let answer = out.and_then(|out| {
+            decode_result(&out, udf.signature.returns, rows).ok_or(CallError::Guest)
+        });
+        // An instance that failed is not reused.
+        if answer.is_ok() {
+            let mut warm_list = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+            if warm_list.len() < WARM_INSTANCES {
+                warm_list.push(warm);
+            }
+        }
+        answer
     }
 
     fn per_row(&self, udf: &UdfInfo, args: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
@@ -279,6 +357,50 @@ impl GuestFunctions {
             else {
                 return exec_err!("the UDF's row export vanished");
             };
+            // The common shapes through typed calls (a few ns each), the rest through `Val`s.
+            let floats: Vec<&Float64Array> = args
+                .iter()
+                .filter_map(|a| a.as_primitive_opt::<Float64Type>())
+                .collect();
+            let float_result = udf.signature.returns == UdfType::Float64;
+            if float_result && floats.len() == args.len() && (1..=2).contains(&floats.len()) {
+                let default = udf.signature.default.as_f64();
+                let mut values: Vec<Option<f64>> = Vec::with_capacity(rows);
+                if let [x] = floats.as_slice() {
+                    let f = function.typed::<f64, f64>(&store).map_err(|_| {
+                        datafusion::error::DataFusionError::Execution(
+                            "the UDF's row export changed".into(),
+                        )
+                    })?;
+                    for row in 0..rows {
+                        if x.is_null(row) {
+                            values.push(None);
+                            continue;
+                        }
+                        let _ = store.set_fuel(self.limits.udf_fuel_per_row);
+                        values.push(f.call(&mut store, x.value(row)).ok().or(default));
+                    }
+                } else if let [x, y] = floats.as_slice() {
+                    let f = function.typed::<(f64, f64), f64>(&store).map_err(|_| {
+                        datafusion::error::DataFusionError::Execution(
+                            "the UDF's row export changed".into(),
+                        )
+                    })?;
+                    for row in 0..rows {
+                        if x.is_null(row) || y.is_null(row) {
+                            values.push(None);
+                            continue;
+                        }
+                        let _ = store.set_fuel(self.limits.udf_fuel_per_row);
+                        values.push(
+                            f.call(&mut store, (x.value(row), y.value(row)))
+                                .ok()
+                                .or(default),
+                        );
+                    }
+                }
+                return Ok(Arc::new(Float64Array::from(values)));
+            }
             let mut params = vec![Val::I32(0); args.len()];
             let mut result = [Val::I32(0)];
             'rows: for row in 0..rows {
@@ -418,6 +540,13 @@ pub fn encode_arrays(arrays: &[ArrayRef], rows: usize) -> Result<Vec<u8>, String
             out.push(0);
         }
         match tag {
+            // Arrow keeps values little-endian on little-endian hosts: one copy of the buffer.
+            UdfType::Float64 if cfg!(target_endian = "little") => {
+                out.extend_from_slice(array.as_primitive::<Float64Type>().values().inner());
+            }
+            UdfType::Int64 if cfg!(target_endian = "little") => {
+                out.extend_from_slice(array.as_primitive::<Int64Type>().values().inner());
+            }
             UdfType::Float64 => {
                 for v in array.as_primitive::<Float64Type>().values().iter() {
                     out.extend_from_slice(&v.to_le_bytes());
