@@ -1,5 +1,5 @@
-//! `unseen bench` prints one JSON line per (question, mode) with the agreed field names, and
-//! refuses the questions the gate cannot answer yet by name.
+//! `unseen bench` prints one JSON line per (question, mode) with the agreed field names, for
+//! all six shared questions.
 
 /// Runs `unseen <args>`, fails the test if it fails, and parses its standard output as JSON lines.
 fn json_lines(args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
@@ -26,7 +26,7 @@ fn json_lines_of(args: &[&str]) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
+fn bench_prints_the_agreed_fields_for_every_question_and_mode() {
     let dir = tempfile::tempdir().unwrap();
     unseen::demo::prepare_trips(dir.path(), 20_000).unwrap();
     let data = dir.path().join("data/trips.parquet");
@@ -40,7 +40,30 @@ fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
         data.as_os_str(),
     ]);
     let measured: Vec<_> = lines.iter().filter(|l| l.get("mode").is_some()).collect();
-    assert_eq!(measured.len(), 8, "Q1 to Q4, gate and plain: {lines:?}");
+    let modes: Vec<(&str, &str)> = measured
+        .iter()
+        .map(|l| (l["query"].as_str().unwrap(), l["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("Q1", "plain"),
+            ("Q1", "gate"),
+            ("Q2", "plain"),
+            ("Q2", "gate"),
+            ("Q3", "plain"),
+            ("Q3", "gate"),
+            ("Q4", "plain"),
+            ("Q4", "gate"),
+            ("Q5", "plain"),
+            ("Q5", "builtin"),
+            ("Q5", "wasm_batch"),
+            ("Q5", "wasm_unit"),
+            ("Q5", "wasm_unit_fresh"),
+            ("Q6", "plain"),
+            ("Q6", "gate"),
+        ]
+    );
     for l in &measured {
         for field in [
             "query",
@@ -58,7 +81,7 @@ fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
             assert!(l.get(field).is_some(), "{field} missing in {l}");
         }
         assert_eq!(l["rows"], 20_000);
-        if l["mode"] == "gate" {
+        if l["mode"] != "plain" {
             assert!((l["epsilon"].as_f64().unwrap() - 1.0).abs() < 1e-9);
             assert!(
                 l["mae"]
@@ -69,13 +92,24 @@ fn bench_prints_the_agreed_fields_and_refuses_unbuilt_questions() {
             );
         }
     }
-    let q5 = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
-        .args(["bench", "--query", "Q5", "--data"])
+    // Q5's wasm overhead against the built-in expression, per mode.
+    let overhead = lines
+        .iter()
+        .find_map(|l| l.get("wasm_overhead_vs_builtin"))
+        .expect("a Q5 overhead line");
+    for mode in ["wasm_batch", "wasm_unit", "wasm_unit_fresh"] {
+        assert!(
+            overhead[mode].as_f64().is_some_and(|r| r > 0.0),
+            "{overhead}"
+        );
+    }
+    let q7 = std::process::Command::new(env!("CARGO_BIN_EXE_unseen"))
+        .args(["bench", "--query", "Q7", "--data"])
         .arg(&data)
         .output()
         .unwrap();
-    assert!(!q5.status.success());
-    assert!(String::from_utf8_lossy(&q5.stderr).contains("wasm UDFs"));
+    assert!(!q7.status.success());
+    assert!(String::from_utf8_lossy(&q7.stderr).contains("Q1 … Q6"));
 }
 
 #[test]
@@ -160,7 +194,10 @@ fn the_instantiation_bench_times_every_example_module() {
         .iter()
         .map(|l| l["module"].as_str().unwrap())
         .collect();
-    assert_eq!(modules, ["district_stats", "query_runner"]);
+    assert_eq!(
+        modules,
+        ["district_stats", "query_runner", "fare_per_km", "median"]
+    );
     for l in &lines {
         assert_eq!(l["runs"], 1000);
         let (p50, p99) = (l["p50_us"].as_f64().unwrap(), l["p99_us"].as_f64().unwrap());
