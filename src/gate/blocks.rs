@@ -91,6 +91,13 @@ pub(super) fn prepare(
             ),
         ));
     }
+    if request.max_rows_per_unit.is_some() || request.delta.is_some() || !request.bounds.is_empty()
+    {
+        return Err(refuse(
+            "invalid_outputs",
+            "sample-and-aggregate takes its bounds per output and needs no max_rows_per_unit or delta: each unit's rows go whole to one block",
+        ));
+    }
     if sa.blocks < 2 || sa.blocks > limits.max_blocks {
         return Err(refuse(
             "invalid_blocks",

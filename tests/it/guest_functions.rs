@@ -550,6 +550,11 @@ async fn guest_function_requests_outside_the_rules_are_refused_by_name() {
                 sa("block_memory", 10, "SELECT fare FROM trips"),
                 {"sql": format!("SELECT district, SUM(no_such_udf(fare)) AS s FROM {probe} GROUP BY district"), "epsilon": 1.0},
                 {"sql": format!("SELECT district, SUM(rows_seen(fare)) AS s FROM {probe} GROUP BY district"), "epsilon": 1.0},
+                {"sql": plain, "epsilon": 1.0, "delta": 1e-6, "sample_aggregate": {"function": "block_memory",
+                    "blocks": 10, "outputs": [{"name": "v", "lower": 0.0, "upper": 1.0}]}},
+                // A dry run prices it without running anything.
+                {"sql": plain, "epsilon": 1.0, "dry_run": true, "sample_aggregate": {"function": "block_memory",
+                    "blocks": 10, "outputs": [{"name": "v", "lower": 0.0, "upper": 1.0}]}},
             ]),
         )
         .await;
@@ -568,9 +573,16 @@ async fn guest_function_requests_outside_the_rules_are_refused_by_name() {
             "sql_invalid",
             "sql_invalid",
             "unbounded_column",
+            "invalid_outputs",
+            "released",
         ],
         "{answers}"
     );
+    // Bounds [0, 1] over 10 blocks at ε 1: OpenDP's scale is about 1 / 10 / 1.
+    let estimate = &answers[7]["release"];
+    assert_eq!(estimate["dry_run"], true, "{estimate}");
+    let scale = estimate["columns"][0]["noise_scale"].as_f64().unwrap();
+    assert!((0.09..0.2).contains(&scale), "{estimate}");
     assert!(report["releases"].as_array().unwrap().is_empty());
     assert_eq!(s.reservations().await, 0);
 }
