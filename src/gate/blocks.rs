@@ -216,7 +216,7 @@ pub(super) fn prepare(
 
 /// OpenDP's bounded mean of `blocks` values chained to its Laplace mechanism, at the smallest
 /// scale whose privacy map gives at most `epsilon` for one changed block (d_in = 2).
-fn calibrate(
+pub(super) fn calibrate(
     lower: f64,
     upper: f64,
     blocks: u32,

@@ -1,5 +1,6 @@
 //! Statistical privacy tests. For each mechanism the gate uses — Laplace on counts, Laplace on
-//! fixed-point clamped sums, the Laplace threshold of partition selection — and for per-person
+//! fixed-point clamped sums, the Laplace threshold of partition selection, the bounded mean
+//! over blocks of sample-and-aggregate — and for per-person
 //! contribution bounding, draw many releases on a pair of neighbouring datasets, estimate the
 //! privacy loss, and check it against the ε (and δ) the gate would charge. Each test also runs
 //! a deliberately broken twin (half the noise; no bounding; a threshold of 1) through the same
@@ -192,6 +193,34 @@ fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught
             "scale {}: ε lower bound {eps} against the claim {}",
             t.scale,
             proper.epsilon
+        );
+    }
+}
+
+/// Sample-and-aggregate: OpenDP's bounded mean of 10 block outputs in [0, 1] with Laplace
+/// noise. Neighbours differ in one unit, so in one block's output: 0 → 1.
+#[test]
+fn block_means_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
+    let claim = 0.5;
+    let (proper, proper_scale) = super::blocks::calibrate(0.0, 1.0, 10, claim).unwrap();
+    let (broken, _) = super::blocks::calibrate(0.0, 1.0, 10, 2.0 * claim).unwrap();
+    let spent = proper.map(&2).unwrap();
+    assert!(spent <= claim, "{spent}");
+    let base = vec![0.0; 10];
+    let mut neighbour = base.clone();
+    neighbour[3] = 1.0;
+    for (m, should_pass) in [(&proper, true), (&broken, false)] {
+        let draw = |x: &Vec<f64>| -> Vec<i64> {
+            // Integers in units of 1e-6 for the shared check: the event is y ≥ 0.1.
+            (0..N)
+                .map(|_| (m.invoke(x).unwrap() * 1e6).floor() as i64)
+                .collect()
+        };
+        let eps = epsilon_lower_bound(&draw(&neighbour), &draw(&base), 100_000);
+        assert_eq!(
+            eps <= spent,
+            should_pass,
+            "ε lower bound {eps} against the claim {spent} (proper scale {proper_scale})"
         );
     }
 }
