@@ -297,7 +297,12 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             let request = QueryRequest {
                 sql: sql.unwrap_or(q.gate_sql).into(),
                 epsilon: 1.0,
-                bounds: [(bound_name.to_string(), [lo, hi])].into(),
+                // Sample-and-aggregate bounds its outputs instead.
+                bounds: if q.blocks.is_some() {
+                    Default::default()
+                } else {
+                    [(bound_name.to_string(), [lo, hi])].into()
+                },
                 max_rows_per_unit: q.rows_per_person.filter(|_| q.blocks.is_none()),
                 delta: q.delta,
                 sample_aggregate: q.blocks.map(|blocks| SampleAggregate {

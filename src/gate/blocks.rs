@@ -33,6 +33,7 @@ use unseen_guest::contract::{
     ColumnKind, QueryRequest, Release, ReleasedColumn, SampleAggregate, Value,
 };
 
+use super::bound::MixHasher;
 use super::{GateError, JobGrant, Prepared, Work};
 use crate::catalog::OpenAttribute;
 use crate::config::Limits;
@@ -345,17 +346,15 @@ impl BlockPlan {
             );
         }
         let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
-        let block = |bytes: &[u8]| {
-            let tag = hmac::sign(&key, bytes);
-            (u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes")) % m) as u32
-        };
+        // Each distinct unit once, then its block by HMAC on two threads.
         let unit = all.column(self.columns);
-        let mut out = Vec::with_capacity(rows);
-        match unit.data_type() {
+        let mut of_row = Vec::with_capacity(rows);
+        let blocks = match unit.data_type() {
             t if t.is_integer() => {
                 let ints = arrow::compute::cast(unit, &DataType::Int64).ok()?;
                 let ints = ints.as_primitive::<Int64Type>();
-                let mut seen: HashMap<i64, u32> = HashMap::new();
+                let mut seen: HashMap<i64, u32, MixHasher> = HashMap::default();
+                let mut distinct: Vec<[u8; 8]> = Vec::new();
                 for i in 0..rows {
                     // A null unit is one more unit of its own: all null rows share a block.
                     let v = if ints.is_null(i) {
@@ -363,25 +362,49 @@ impl BlockPlan {
                     } else {
                         ints.value(i)
                     };
-                    out.push(*seen.entry(v).or_insert_with(|| block(&v.to_le_bytes())));
+                    of_row.push(*seen.entry(v).or_insert_with(|| {
+                        distinct.push(v.to_le_bytes());
+                        distinct.len() as u32 - 1
+                    }));
                 }
+                keyed_blocks(&key, &distinct, m)
             }
             _ => {
                 let text = arrow::compute::cast(unit, &DataType::Utf8).ok()?;
                 let text = text.as_string::<i32>();
-                let mut seen: HashMap<String, u32> = HashMap::new();
+                let mut seen: HashMap<&str, u32> = HashMap::new();
+                let mut distinct: Vec<&str> = Vec::new();
                 for i in 0..rows {
                     let v = if text.is_null(i) { "" } else { text.value(i) };
-                    if let Some(b) = seen.get(v) {
-                        out.push(*b);
-                    } else {
-                        let b = block(v.as_bytes());
-                        seen.insert(v.to_string(), b);
-                        out.push(b);
-                    }
+                    of_row.push(*seen.entry(v).or_insert_with(|| {
+                        distinct.push(v);
+                        distinct.len() as u32 - 1
+                    }));
                 }
+                keyed_blocks(&key, &distinct, m)
             }
-        }
+        };
+        let out = of_row
+            .iter()
+            .map(|&d| blocks[d as usize])
+            .collect::<Vec<u32>>();
         Some(out)
     }
+}
+
+/// HMAC-SHA-256(key, unit) mod m for each unit, on two threads.
+fn keyed_blocks<K: AsRef<[u8]> + Sync>(key: &hmac::Key, units: &[K], m: u64) -> Vec<u32> {
+    let block = |unit: &K| {
+        let tag = hmac::sign(key, unit.as_ref());
+        (u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes")) % m) as u32
+    };
+    let (left, right) = units.split_at(units.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| right.iter().map(block).collect::<Vec<u32>>());
+        let mut mine: Vec<u32> = left.iter().map(block).collect();
+        // A panicked thread cannot happen here (no code in it can panic); were it to, its units
+        // would fall to block 0, still a function of the unit alone.
+        mine.extend(other.join().unwrap_or_else(|_| vec![0; right.len()]));
+        mine
+    })
 }

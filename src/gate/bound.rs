@@ -68,7 +68,7 @@ struct SelectionState {
 /// the filter). Not keyed: persons' ids come from the domain's data, not from the analyst, and
 /// string ids arrive already hashed with a per-query random key.
 #[derive(Clone, Copy, Default)]
-struct MixHasher;
+pub(super) struct MixHasher;
 
 impl BuildHasher for MixHasher {
     type Hasher = Mix;
@@ -77,7 +77,7 @@ impl BuildHasher for MixHasher {
     }
 }
 
-struct Mix(u64);
+pub(super) struct Mix(u64);
 
 impl Hasher for Mix {
     fn finish(&self) -> u64 {

@@ -139,3 +139,37 @@ async fn runaway_modules_end_their_own_job_and_nothing_else() {
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
 }
+
+/// A query whose execution needs more memory than `query_memory_bytes` fails with a clear code
+/// for its own job; the server and the next job carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_its_memory_pool_fails_alone() {
+    let s = Server::start_with(|c| {
+        c.limits.query_memory_bytes = 1024;
+        c.limits.table_cache_bytes = 0;
+    })
+    .await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_application(
+            json!({"purpose": "memory", "columns": {"trips": ["district", "cell"]},
+            "modules": [module], "epsilon": 5.0, "per_job_epsilon": 5.0, "delta": 1e-5}),
+        )
+        .await;
+    let query = json!({"sql": "SELECT cell, COUNT(*) AS n FROM trips GROUP BY cell", "epsilon": 1.0, "delta": 1e-6});
+    let (answers, _) = s.ask(&scenario, &module, json!([query.clone()])).await;
+    assert_eq!(answers[0]["error"]["code"], "query_failed", "{answers}");
+    // No DataFusion text reaches the module: the gate's own sentence.
+    assert_eq!(
+        answers[0]["error"]["message"],
+        "the query failed while running; its budget stays spent"
+    );
+    assert!(s.health().await);
+    // The debit was durable before the data was read, so it stays (and is closed).
+    assert_eq!(s.reservations().await, 1);
+    // The server runs the next job as usual.
+    let job = s
+        .run_job(&scenario, &module, "main", json!({"queries": []}))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+}
