@@ -103,6 +103,9 @@ pub async fn run(opts: HttpBenchOptions) -> anyhow::Result<()> {
         policies.join("trips.toml"),
         crate::demo::TRIPS_POLICY.replace("total_epsilon = 20.0", "total_epsilon = 1e9"),
     )?;
+    // Every job computes its release: none is answered from an earlier identical query (the
+    // server's default, `reuse_releases`, would make every job after the first a cache hit).
+    std::fs::write(policies.join("limits.toml"), "reuse_releases = false\n")?;
     let rows = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(
         data_dir.join("data/trips.parquet"),
     )?)
@@ -220,40 +223,57 @@ pub async fn run(opts: HttpBenchOptions) -> anyhow::Result<()> {
         json!({"bench": "http", "op": "first_job", "new_module_ms": new_ms, "cached_module_ms": cached_ms, "rows": rows})
     );
 
-    // Small jobs under load.
-    for &clients in &opts.clients {
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..clients {
-            let dev = Remote::new(&base, dev.token())?;
-            let (sc, module) = (sc.clone(), modules[c % modules.len()].clone());
-            let jobs = opts.jobs;
-            tasks.push(tokio::spawn(async move {
-                let mut ms = Vec::with_capacity(jobs);
-                for _ in 0..jobs {
-                    let t = Instant::now();
-                    run_job(&dev, &sc, &module).await?;
-                    ms.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                anyhow::Ok(ms)
-            }));
+    // Small jobs under load, then dry runs of the same job (priced, not run over data).
+    for op in ["job", "dry_run"] {
+        for &clients in &opts.clients {
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let dev = Remote::new(&base, dev.token())?;
+                let (sc, module) = (sc.clone(), modules[c % modules.len()].clone());
+                let jobs = opts.jobs;
+                tasks.push(tokio::spawn(async move {
+                    let mut ms = Vec::with_capacity(jobs);
+                    for _ in 0..jobs {
+                        let t = Instant::now();
+                        if op == "job" {
+                            run_job(&dev, &sc, &module).await?;
+                        } else {
+                            dry_run(&dev, &sc, &module).await?;
+                        }
+                        ms.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    anyhow::Ok(ms)
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await??);
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let n = all.len();
+            println!(
+                "{}",
+                latency_line(
+                    op,
+                    all,
+                    json!({"clients": clients, "jobs": n, "jobs_per_s": n as f64 / wall, "wall_s": wall, "rows": rows, "epsilon_per_job": 1.0})
+                )
+            );
         }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await??);
-        }
-        let wall = started.elapsed().as_secs_f64();
-        let n = all.len();
-        println!(
-            "{}",
-            latency_line(
-                "job",
-                all,
-                json!({"clients": clients, "jobs": n, "jobs_per_s": n as f64 / wall, "wall_s": wall, "rows": rows, "epsilon_per_job": 1.0})
-            )
-        );
     }
     Ok(())
+}
+
+/// Prices a district_stats job with a dry run (answered at once; nothing spent).
+async fn dry_run(dev: &Remote, scenario: &str, module: &str) -> anyhow::Result<Value> {
+    let answer = dev
+        .json(Method::POST, "/v1/jobs", Some(&json!({"scenario_id": scenario, "module": module, "entry": "main", "params": {"epsilon": 1.0}, "dry_run": true})))
+        .await?;
+    if answer["epsilon"].as_f64().is_none() {
+        bail!("the dry run answered {answer}");
+    }
+    Ok(answer)
 }
 
 /// Submits a district_stats job, long-polls it and reads its result.

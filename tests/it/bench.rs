@@ -173,17 +173,19 @@ fn the_http_bench_measures_cold_start_uploads_and_jobs_under_load() {
     let first = op("first_job").next().expect("first job line");
     assert!(first["new_module_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(first["rows"], 20000);
-    let jobs: Vec<_> = op("job").collect();
-    assert_eq!(jobs.len(), 2);
-    for (line, clients) in jobs.iter().zip([1, 4]) {
-        assert_eq!(line["clients"], clients);
-        assert_eq!(line["jobs"], 3 * clients);
-        let (p50, p99) = (
-            line["p50_ms"].as_f64().unwrap(),
-            line["p99_ms"].as_f64().unwrap(),
-        );
-        assert!(p50 > 0.0 && p50 <= p99, "{line}");
-        assert!(line["jobs_per_s"].as_f64().unwrap() > 0.0);
+    for kind in ["job", "dry_run"] {
+        let measured: Vec<_> = op(kind).collect();
+        assert_eq!(measured.len(), 2, "{kind}");
+        for (line, clients) in measured.iter().zip([1, 4]) {
+            assert_eq!(line["clients"], clients);
+            assert_eq!(line["jobs"], 3 * clients);
+            let (p50, p99) = (
+                line["p50_ms"].as_f64().unwrap(),
+                line["p99_ms"].as_f64().unwrap(),
+            );
+            assert!(p50 > 0.0 && p50 <= p99, "{line}");
+            assert!(line["jobs_per_s"].as_f64().unwrap() > 0.0);
+        }
     }
 }
 
