@@ -37,7 +37,7 @@ use super::bound::MixHasher;
 use super::{GateError, JobGrant, Prepared, Work};
 use crate::catalog::OpenAttribute;
 use crate::config::Limits;
-use crate::sandbox::functions::{CallError, encode_arrays};
+use crate::sandbox::functions::encode_arrays;
 
 type MeanMeasurement =
     Measurement<VectorDomain<AtomDomain<f64>>, SymmetricDistance, MaxDivergence, f64>;
@@ -304,9 +304,7 @@ impl BlockPlan {
 
         let answers = guest
             .run_blocks(&self.function, &frames, self.outputs.len())
-            .map_err(|e| match e {
-                CallError::Instantiate | CallError::Guest => failed(),
-            })?;
+            .map_err(|_| failed())?;
         let mut row = Vec::new();
         for (j, o) in self.outputs.iter().enumerate() {
             let values: Vec<f64> = answers

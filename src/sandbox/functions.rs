@@ -260,11 +260,13 @@ impl GuestFunctions {
 
     /// Reads a UDF's declared signature (at upload).
     pub(crate) fn read_signature(&self, name: &str) -> Result<UdfSignature, String> {
-        let mut store = self.store(SIGNATURE_FUEL);
-        let instance = self
-            .pre
-            .instantiate(&mut store)
+        let Warm {
+            mut store,
+            instance,
+        } = self
+            .instance()
             .map_err(|_| "the module could not be instantiated".to_string())?;
+        let _ = store.set_fuel(SIGNATURE_FUEL);
         let sig = instance
             .get_typed_func::<(), i64>(&mut store, &format!("{SIGNATURE_PREFIX}{name}"))
             .map_err(|_| format!("it has no `{SIGNATURE_PREFIX}{name}() -> i64` export"))?;
@@ -348,8 +350,11 @@ impl GuestFunctions {
         let mut out = Results::new(udf.signature.returns, rows);
         if udf.pure_row {
             // One instance for every row: the function cannot write its state (see purity.rs).
-            let mut store = self.store(0);
-            let Ok(instance) = self.pre.instantiate(&mut store) else {
+            let Ok(Warm {
+                mut store,
+                instance,
+            }) = self.instance()
+            else {
                 return exec_err!("no wasm instance slot");
             };
             let Some(function) =
@@ -364,41 +369,31 @@ impl GuestFunctions {
                 .collect();
             let float_result = udf.signature.returns == UdfType::Float64;
             if float_result && floats.len() == args.len() && (1..=2).contains(&floats.len()) {
+                let changed = |_| {
+                    datafusion::error::DataFusionError::Execution(
+                        "the UDF's row export changed".into(),
+                    )
+                };
+                let mut call: Box<dyn FnMut(&mut Store<FnState>, usize) -> wasmtime::Result<f64>> =
+                    if let [x, y] = floats.as_slice() {
+                        let f = function.typed::<(f64, f64), f64>(&store).map_err(changed)?;
+                        let (x, y) = (*x, *y);
+                        Box::new(move |s, row| f.call(s, (x.value(row), y.value(row))))
+                    } else {
+                        let f = function.typed::<f64, f64>(&store).map_err(changed)?;
+                        let x = floats[0];
+                        Box::new(move |s, row| f.call(s, x.value(row)))
+                    };
                 let default = udf.signature.default.as_f64();
-                let mut values: Vec<Option<f64>> = Vec::with_capacity(rows);
-                if let [x] = floats.as_slice() {
-                    let f = function.typed::<f64, f64>(&store).map_err(|_| {
-                        datafusion::error::DataFusionError::Execution(
-                            "the UDF's row export changed".into(),
-                        )
-                    })?;
-                    for row in 0..rows {
-                        if x.is_null(row) {
-                            values.push(None);
-                            continue;
+                let values: Vec<Option<f64>> = (0..rows)
+                    .map(|row| {
+                        if floats.iter().any(|a| a.is_null(row)) {
+                            return None;
                         }
                         let _ = store.set_fuel(self.limits.udf_fuel_per_row);
-                        values.push(f.call(&mut store, x.value(row)).ok().or(default));
-                    }
-                } else if let [x, y] = floats.as_slice() {
-                    let f = function.typed::<(f64, f64), f64>(&store).map_err(|_| {
-                        datafusion::error::DataFusionError::Execution(
-                            "the UDF's row export changed".into(),
-                        )
-                    })?;
-                    for row in 0..rows {
-                        if x.is_null(row) || y.is_null(row) {
-                            values.push(None);
-                            continue;
-                        }
-                        let _ = store.set_fuel(self.limits.udf_fuel_per_row);
-                        values.push(
-                            f.call(&mut store, (x.value(row), y.value(row)))
-                                .ok()
-                                .or(default),
-                        );
-                    }
-                }
+                        call(&mut store, row).ok().or(default)
+                    })
+                    .collect();
                 return Ok(Arc::new(Float64Array::from(values)));
             }
             let mut params = vec![Val::I32(0); args.len()];

@@ -91,6 +91,31 @@ async fn probes(s: &Server, open: &str, unit: &str) -> (String, String) {
     (without, with)
 }
 
+/// The probes without and with the target row, and a unit-mode scenario over both.
+async fn target_pair(s: &Server, module: &str, open: &str, unit: &str) -> (String, String, String) {
+    let (without, with) = probes(s, open, unit).await;
+    let cols: &[&str] = &["district", "fare"];
+    let scn = scenario(
+        s,
+        module,
+        &[(&without, cols), (&with, cols)],
+        false,
+        20000.0,
+    )
+    .await;
+    (scn, without, with)
+}
+
+/// Runs `query` in a job of its own, which must succeed with no error; its one answer.
+async fn only_answer(s: &Server, scenario: &str, module: &str, query: Value) -> Value {
+    let job = s
+        .run_job(scenario, module, "main", json!({"queries": [query]}))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(job["error"].is_null(), "{job}");
+    s.result(&job).await["output"]["answers"][0].clone()
+}
+
 /// A scenario over `datasets` (all their columns but trip ids) for `module`; `reviewed`: the
 /// operator marks the module reviewed, so its UDFs run per batch.
 async fn scenario(
@@ -203,16 +228,7 @@ async fn unit_mode_keeps_state_from_crossing_rows_and_the_reviewed_batch_mode_do
 async fn a_udf_failing_on_the_target_row_looks_like_its_default_and_nothing_else() {
     let s = Server::start().await;
     let module = s.upload_ok(unseen::examples::HOSTILE).await;
-    let (without, with) = probes(&s, "unconditional", "row").await;
-    let cols: &[&str] = &["district", "fare"];
-    let scn = scenario(
-        &s,
-        &module,
-        &[(&without, cols), (&with, cols)],
-        false,
-        20000.0,
-    )
-    .await;
+    let (scn, without, with) = target_pair(&s, &module, "unconditional", "row").await;
     for udf in [
         "spin_on_target",
         "trap_on_target",
@@ -221,19 +237,8 @@ async fn a_udf_failing_on_the_target_row_looks_like_its_default_and_nothing_else
     ] {
         let mut seen = Vec::new();
         for table in [&without, &with] {
-            let job = s
-                .run_job(
-                    &scn,
-                    &module,
-                    "main",
-                    json!({"queries": [sum_query(udf, table)]}),
-                )
-                .await;
             // The job succeeds either way; no error, code or count of failed rows exists.
-            assert_eq!(job["status"], "succeeded", "{udf}: {job}");
-            assert!(job["error"].is_null(), "{udf}: {job}");
-            let report = s.result(&job).await;
-            let answer = &report["output"]["answers"][0];
+            let answer = &only_answer(&s, &scn, &module, sum_query(udf, table)).await;
             let columns: Vec<String> = answer["release"]["columns"]
                 .as_array()
                 .unwrap()
@@ -279,16 +284,7 @@ fn block_value(answer: &Value) -> f64 {
 async fn block_functions_get_fresh_instances_and_a_failing_block_gets_the_default() {
     let s = Server::start().await;
     let module = s.upload_ok(unseen::examples::HOSTILE).await;
-    let (without, with) = probes(&s, "conditional", "person_id").await;
-    let cols: &[&str] = &["district", "fare"];
-    let scn = scenario(
-        &s,
-        &module,
-        &[(&without, cols), (&with, cols)],
-        false,
-        20000.0,
-    )
-    .await;
+    let (scn, without, with) = target_pair(&s, &module, "conditional", "person_id").await;
 
     // State across blocks: each block's instance is fresh, so every block answers 1.
     let (answers, _) = s
@@ -308,17 +304,9 @@ async fn block_functions_get_fresh_instances_and_a_failing_block_gets_the_defaul
     for function in ["block_trap", "block_spin", "block_huge"] {
         let mut values = Vec::new();
         for table in [&without, &with] {
-            let job = s
-                .run_job(
-                    &scn,
-                    &module,
-                    "main",
-                    json!({"queries": [block_query(function, table, 0.5)]}),
-                )
-                .await;
-            assert_eq!(job["status"], "succeeded", "{function}: {job}");
-            let report = s.result(&job).await;
-            values.push(block_value(&report["output"]["answers"][0]));
+            values.push(block_value(
+                &only_answer(&s, &scn, &module, block_query(function, table, 0.5)).await,
+            ));
         }
         assert!((values[0] - 1.0).abs() < 0.01, "{function}: {values:?}");
         assert!((values[1] - 0.95).abs() < 0.01, "{function}: {values:?}");
