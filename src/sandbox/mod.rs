@@ -547,6 +547,12 @@ impl Sandbox {
                 limit: self.limits.max_udfs.to_string(),
             });
         }
+        if blocks.len() > self.limits.max_udfs as usize {
+            return Err(ModuleError::OverLimit {
+                what: "more block functions than allowed",
+                limit: self.limits.max_udfs.to_string(),
+            });
+        }
         let pre = self
             .linker
             .instantiate_pre(&module)

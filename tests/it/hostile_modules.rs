@@ -50,6 +50,100 @@ async fn modules_outside_the_contract_are_refused_at_upload() {
     );
 }
 
+/// Names are the module's to choose: exports and imports with names of 60,000 characters,
+/// control characters, or by the thousand are refused with a short message that quotes at
+/// most 64 characters of any name, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_and_hostile_names_are_refused_with_bounded_messages() {
+    let s = Server::start_with(|c| c.limits.max_module_bytes = 1024 * 1024).await;
+    // Under wasmparser's 100,000-byte limit on one name (a longer one makes the module invalid).
+    let huge = "a".repeat(60_000);
+    let frame_fn = |export: &str| {
+        format!(r#"(func (export "{export}") (param i32 i32) (result i32) (i32.const 0))"#)
+    };
+    let many = |prefix: &str, n: usize| -> String {
+        (0..n).map(|i| frame_fn(&format!("{prefix}f{i}"))).collect()
+    };
+    // A signature export answering (ptr 0, len 2^31 - 1).
+    let lying_signature = r#"(func (export "unseen_udf_f") (param i32 i32) (result i32) (i32.const 0))
+        (func (export "unseen_sig_f") (result i64) (i64.const 0x7fffffff))"#;
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            frame_fn(&format!("unseen_udf_{huge}")),
+            "invalid_function",
+            "aaaa…",
+        ),
+        (
+            frame_fn(&format!("unseen_block_{huge}")),
+            "invalid_function",
+            "aaaa…",
+        ),
+        (
+            frame_fn("unseen_udf_bell\\07\\1b[2Jname"),
+            "invalid_function",
+            "UDF export",
+        ),
+        (frame_fn("unseen_udf_Upper"), "invalid_function", "Upper"),
+        (
+            frame_fn("unseen_udf_no_signature"),
+            "invalid_function",
+            "no `unseen_sig_no_signature",
+        ),
+        (lying_signature.to_string(), "invalid_function", "too long"),
+        (
+            many("unseen_udf_", 2000),
+            "module_over_limits",
+            "more UDFs than allowed",
+        ),
+        (
+            many("unseen_block_", 2000),
+            "module_over_limits",
+            "more block functions",
+        ),
+        (
+            format!(r#"(import "{huge}" "{huge}" (func))"#),
+            "unknown_import",
+            "aaaa…",
+        ),
+        (
+            frame_fn(&format!("unseen_udf_{}", "b".repeat(200_000))),
+            "invalid_module",
+            "not a valid",
+        ),
+    ];
+    for (items, code, says) in cases {
+        let bytes = wat_module(&items, "(i32.const 0)");
+        let (got, body) = s.upload(&s.developer, &bytes).await;
+        assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{code}: {body:.300}");
+        assert_eq!(body["error"]["code"], code, "{body:.300}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{code}: {message:.300}");
+        assert!(
+            message.len() < 400,
+            "{code}: a {}-byte message",
+            message.len()
+        );
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+    }
+    // An entry point with a huge name is not an entry point: the module has none.
+    let bytes = wat::parse_str(format!(
+        r#"(module (memory (export "memory") 1)
+            (func (export "unseen_alloc") (param i32) (result i32) (i32.const 0))
+            (func (export "unseen_entry_{huge}") (param i32 i32) (result i32) (i32.const 0)))"#
+    ))
+    .unwrap();
+    let (got, body) = s.upload(&s.developer, &bytes).await;
+    assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["code"], "missing_export", "{body:.300}");
+    assert!(body["error"]["message"].as_str().unwrap().len() < 400);
+    let (_, mine) = s.call(Method::GET, "/v1/modules", &s.developer, None).await;
+    assert_eq!(
+        mine["modules"],
+        json!([]),
+        "a refused upload must store nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_modules_end_their_own_job_and_nothing_else() {
     let s = Server::start().await;
