@@ -65,8 +65,14 @@ pub struct Limits {
     pub max_request_body_bytes: usize,
     /// Longest guest SQL text, bytes.
     pub max_sql_bytes: usize,
-    /// Memory DataFusion may use for one query, bytes; beyond it the query fails (no spilling).
+    /// Memory one job's queries may use, bytes: DataFusion's pool, which the gate's own
+    /// per-person tables draw on too. Sorts and aggregations spill beyond it (see
+    /// `spill_bytes`); what cannot spill fails the query (`query_failed`).
     pub query_memory_bytes: usize,
+    /// Disk one job's queries may spill to, bytes, in `spill/` under the data directory
+    /// (inside the domain; files removed as soon as the operator is done, and the directory
+    /// emptied at start-up). 0 turns spilling off.
+    pub spill_bytes: u64,
     /// Jobs running at once; the rest wait in the queue.
     pub concurrent_jobs: usize,
     /// Compiled modules kept in memory; the least recently used is dropped first and compiled
@@ -79,7 +85,7 @@ pub struct Limits {
     /// gets its earlier release back and spends nothing (false: every query is computed and
     /// charged afresh).
     pub reuse_releases: bool,
-    /// UDFs one module may export (`module_over_limits`).
+    /// UDFs one module may export, and separately block functions (`module_over_limits`).
     pub max_udfs: u32,
     /// Fuel for one row of a wasm UDF; a row that runs out gets the UDF's declared default.
     pub udf_fuel_per_row: u64,
@@ -106,6 +112,7 @@ impl Default for Limits {
             max_request_body_bytes: 1 << 20,
             max_sql_bytes: 16 << 10,
             query_memory_bytes: 1 << 30,
+            spill_bytes: 8 << 30,
             concurrent_jobs: 2,
             max_cached_modules: 256,
             table_cache_bytes: 2 << 30,

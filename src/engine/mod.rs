@@ -1,7 +1,8 @@
 //! DataFusion for one job: a session that holds only the scenario's tables (each narrowed to
 //! the scenario's columns), no file formats, table factories, table functions or URL tables,
-//! no scalar functions, a bounded memory pool and no spilling. SQL that would create, drop,
-//! copy, insert or set anything is refused before planning finishes.
+//! no scalar functions, a bounded memory pool, and spill files (when allowed) only in the
+//! domain's own spill directory. SQL that would create, drop, copy, insert or set anything is
+//! refused before planning finishes.
 //!
 //! Exact results leave this module only as [`ExactAggregate`], which cannot be serialised or
 //! printed, and which only the gate reads. Decoded tables may be kept between jobs in a
@@ -20,6 +21,7 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -52,6 +54,15 @@ pub enum EngineError {
     Setup(String),
 }
 
+/// How much memory one job's session may use, and where (if anywhere) it may spill.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    pub memory_bytes: usize,
+    /// A directory inside the domain and the most bytes of spill files at once; `None`: no
+    /// spilling, so a sort or aggregation over its memory fails.
+    pub spill: Option<(PathBuf, u64)>,
+}
+
 /// Exact aggregates, for the gate's eyes only.
 pub struct ExactAggregate(pub(crate) Vec<RecordBatch>);
 
@@ -63,6 +74,10 @@ impl std::fmt::Debug for ExactAggregate {
 
 pub struct JobSession {
     ctx: SessionContext,
+    /// This job's own spill directory, removed with everything in it when the session ends
+    /// (declared after `ctx`, so DataFusion lets go of it first). DataFusion removes its files
+    /// as operators finish, but a query that fails mid-spill can leave some behind.
+    _spill: Option<tempfile::TempDir>,
 }
 
 /// The identity of a decoded table: the file as it is now, and the columns read.
@@ -168,19 +183,38 @@ impl JobSession {
     /// Builds a session holding exactly `tables`, with at most `memory_bytes` for execution.
     pub async fn new(
         tables: &[TableSpec],
-        memory_bytes: usize,
+        resources: &Resources,
         cache: Option<&TableCache>,
     ) -> Result<Self, EngineError> {
+        let spill = match &resources.spill {
+            Some((root, _)) => Some(
+                tempfile::Builder::new()
+                    .prefix("job-")
+                    .tempdir_in(root)
+                    .map_err(|e| EngineError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let disk = match (&spill, &resources.spill) {
+            (Some(dir), Some((_, bytes))) => DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![dir.path().to_path_buf()]))
+                .with_max_temp_directory_size(*bytes),
+            _ => DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        };
+        // Fair shares: each spilling operator gets its part of the pool and spills beyond it,
+        // rather than the first one taking everything and the next failing.
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(memory_bytes, 1.0)
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
+            .with_memory_pool(Arc::new(FairSpillPool::new(resources.memory_bytes)))
+            .with_disk_manager_builder(disk)
             .build_arc()
             .map_err(|e| EngineError::Setup(e.to_string()))?;
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_information_schema(false)
             .with_target_partitions(2);
+        // A sort that spills sets aside memory for merging its runs (10 MiB by default): a
+        // sixteenth of the pool, so spilling also works in small pools.
+        config.options_mut().execution.sort_spill_reservation_bytes =
+            (resources.memory_bytes / 16).min(10 << 20);
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
@@ -263,7 +297,12 @@ impl JobSession {
             ctx.register_table(spec.table.as_str(), provider)
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
         }
-        Ok(JobSession { ctx })
+        Ok(JobSession { ctx, _spill: spill })
+    }
+
+    /// The session's memory pool, for the gate's own tables over rows.
+    pub fn memory_pool(&self) -> Arc<dyn MemoryPool> {
+        self.ctx.runtime_env().memory_pool.clone()
     }
 
     /// Adds a guest UDF (the module's; names were checked against the session's own at upload).
@@ -303,6 +342,28 @@ impl JobSession {
         let batches = df.collect().await.map_err(|_| EngineError::Execution)?;
         Ok(ExactAggregate(batches))
     }
+
+    /// Runs `plan` and hands each output batch to `f` as it comes, holding none of them: for
+    /// the gate's own passes over rows (contribution bounding), which keep only a summary.
+    pub async fn for_each_batch(
+        &self,
+        plan: LogicalPlan,
+        mut f: impl FnMut(&RecordBatch) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        use futures::StreamExt;
+        let mut stream = self
+            .ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(|_| EngineError::Execution)?
+            .execute_stream()
+            .await
+            .map_err(|_| EngineError::Execution)?;
+        while let Some(batch) = stream.next().await {
+            f(&batch.map_err(|_| EngineError::Execution)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The uncompressed size of `columns` in a Parquet file, from its footer.
@@ -336,10 +397,14 @@ fn bounded(mut s: String) -> String {
 mod tests {
     use super::*;
     use arrow::array::AsArray;
-    use arrow::datatypes::Int64Type;
+    use arrow::datatypes::{DataType, Float64Type, Int64Type};
 
     async fn count(spec: &TableSpec, cache: &TableCache) -> i64 {
-        let s = JobSession::new(std::slice::from_ref(spec), 1 << 28, Some(cache))
+        let resources = Resources {
+            memory_bytes: 1 << 28,
+            spill: None,
+        };
+        let s = JobSession::new(std::slice::from_ref(spec), &resources, Some(cache))
             .await
             .unwrap();
         let plan = s.plan("SELECT COUNT(district) FROM trips").await.unwrap();
@@ -373,5 +438,86 @@ mod tests {
         let tiny = TableCache::new(1024);
         assert_eq!(count(&spec, &tiny).await, 1500);
         assert_eq!(tiny.used_bytes(), 0);
+    }
+
+    /// A grouping that outgrows its memory spills to the spill directory and gives the same
+    /// answer; without a spill directory the same query fails; the spill files are gone after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aggregations_over_their_memory_spill_inside_the_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trips.parquet");
+        crate::demo::trips::generate(20_000, &path, 1).unwrap();
+        let spill_dir = dir.path().join("spill");
+        std::fs::create_dir(&spill_dir).unwrap();
+        let spec = TableSpec {
+            table: "trips".into(),
+            path,
+            columns: vec!["cell".into(), "fare".into()],
+            in_memory: false,
+        };
+        let sql = "SELECT cell, COUNT(fare) AS n, SUM(fare) AS f FROM trips GROUP BY cell";
+        let run = |memory_bytes: usize, spill: bool| {
+            let resources = Resources {
+                memory_bytes,
+                spill: spill.then(|| (spill_dir.clone(), 1u64 << 30)),
+            };
+            let spec = spec.clone();
+            async move {
+                let s = JobSession::new(std::slice::from_ref(&spec), &resources, None)
+                    .await
+                    .unwrap();
+                let plan = s.plan(sql).await.unwrap();
+                s.execute(plan).await.map(|out| {
+                    let mut groups = HashMap::new();
+                    for b in &out.0 {
+                        let cells = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                        for i in 0..b.num_rows() {
+                            let fresh = groups.insert(
+                                cells.as_string::<i32>().value(i).to_string(),
+                                (
+                                    b.column(1).as_primitive::<Int64Type>().value(i),
+                                    b.column(2).as_primitive::<Float64Type>().value(i),
+                                ),
+                            );
+                            assert!(fresh.is_none(), "a cell came out twice");
+                        }
+                    }
+                    groups
+                })
+            }
+        };
+        // Cells and counts exactly; fare sums up to summation order.
+        let same = |a: &HashMap<String, (i64, f64)>, b: &HashMap<String, (i64, f64)>| {
+            a.len() == b.len()
+                && a.iter().all(|(cell, (n, f))| {
+                    b.get(cell)
+                        .is_some_and(|(m, g)| n == m && (f - g).abs() <= 1e-9 * f.abs())
+                })
+        };
+        let roomy = run(256 << 20, false).await.unwrap();
+        assert!(roomy.len() > 1000, "{} cells", roomy.len());
+        let spilled = run(1 << 20, true).await.unwrap();
+        assert!(same(&roomy, &spilled));
+        assert!(
+            run(1 << 20, false).await.is_err(),
+            "without spilling, the same pool is too small"
+        );
+        assert!(
+            run(16 << 10, true).await.is_err(),
+            "a pool too small even to spill from fails"
+        );
+        // No spill file outlives its query, failed ones included.
+        fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .flat_map(|p| if p.is_dir() { files(&p) } else { vec![p] })
+                .collect()
+        }
+        let left = files(&spill_dir);
+        assert!(
+            left.is_empty(),
+            "spill files outlived their queries: {left:?}"
+        );
     }
 }

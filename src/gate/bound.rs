@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
 use arrow::datatypes::{DataType, Int64Type};
-use datafusion::common::{Column, Result, internal_err};
-use datafusion::functions_aggregate::expr_fn::count;
+use datafusion::common::{Column, Result, ScalarValue, internal_err};
+use datafusion::functions_aggregate::expr_fn::{count, max, min};
 use datafusion::logical_expr::{
     ColumnarValue, Expr, LogicalPlan, LogicalPlanBuilder, ScalarFunctionArgs, ScalarUDF,
     ScalarUDFImpl, Signature, Volatility, lit,
@@ -38,6 +38,8 @@ use rand::{Rng, SeedableRng};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::GateError;
+use crate::engine::JobSession;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 
 /// Which column identifies a person, and how many of their rows a query may use.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,17 +53,155 @@ pub struct UnitBound {
 /// rows — fewer rows used, never more per person.
 type UnitKey = i64;
 
-/// Per query: each person's row count from pass 1, then pass 2's progress through their rows.
+/// The most slots a dense person table may have (12 bytes each: 384 MiB).
+const DENSE_MAX_SLOTS: u64 = 1 << 25;
+
+/// Where a person's counters live.
+enum Index {
+    /// Integer ids spanning a range not much wider than the rows: slot = id − min, no hashing.
+    Dense { min: i64, slots: usize },
+    /// Anything else: a table from key to slot, built in pass 1 and only read in pass 2.
+    Hashed(HashMap<UnitKey, u32, MixHasher>),
+}
+
+impl Index {
+    fn slot(&self, key: UnitKey) -> Option<usize> {
+        match self {
+            Index::Dense { min, slots } => {
+                let slot = usize::try_from(key.checked_sub(*min)?).ok()?;
+                (slot < *slots).then_some(slot)
+            }
+            Index::Hashed(map) => map.get(&key).map(|s| *s as usize),
+        }
+    }
+}
+
+/// Pass 1: each person's rows after the query's filters.
+pub(super) struct Counter {
+    max_rows: u32,
+    hasher: std::collections::hash_map::RandomState,
+    index: Index,
+    rows: Vec<u32>,
+    /// The tables' bytes, drawn from the job's memory pool (none in unit tests).
+    memory: Option<MemoryReservation>,
+}
+
+impl Counter {
+    /// `range` is (smallest id, largest id, rows) over pass 1's rows, for integer ids; a
+    /// narrow range gets the dense table.
+    pub(super) fn new(max_rows: u32, range: Option<(i64, i64, u64)>) -> Self {
+        let dense = range.and_then(|(lo, hi, rows)| {
+            let span = u64::try_from(i128::from(hi) - i128::from(lo) + 1).ok()?;
+            (span <= DENSE_MAX_SLOTS && span <= rows.saturating_mul(4).saturating_add(1024))
+                .then_some((lo, span as usize))
+        });
+        let (index, rows) = match dense {
+            Some((min, slots)) => (Index::Dense { min, slots }, vec![0u32; slots]),
+            None => (Index::Hashed(HashMap::default()), Vec::new()),
+        };
+        Counter {
+            max_rows,
+            hasher: Default::default(),
+            index,
+            rows,
+            memory: None,
+        }
+    }
+
+    /// Draws the tables' memory from `pool` from now on, like any operator of the query.
+    fn account_in(&mut self, pool: &Arc<dyn MemoryPool>) -> Result<()> {
+        self.memory = Some(MemoryConsumer::new("unseen contribution bound").register(pool));
+        self.account(0)
+    }
+
+    /// Resizes the reservation to the tables as they are (plus `extra` bytes about to be
+    /// allocated); fails the query when the pool has no room.
+    fn account(&mut self, extra: usize) -> Result<()> {
+        let map = match &self.index {
+            Index::Dense { .. } => 0,
+            // A key, a slot and a control byte per bucket.
+            Index::Hashed(map) => map.capacity() * 13,
+        };
+        let bytes = map + self.rows.capacity() * 4 + extra;
+        match &mut self.memory {
+            Some(memory) => memory.try_resize(bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one batch of pass 1's person column (null ids count for no one).
+    pub(super) fn add(&mut self, unit: &ArrayRef) -> Result<()> {
+        let Counter {
+            hasher,
+            index,
+            rows,
+            ..
+        } = self;
+        for_each_key(unit, hasher, |_, key| {
+            let Some(key) = key else { return };
+            let slot = match index {
+                Index::Dense { .. } => index.slot(key),
+                Index::Hashed(map) => {
+                    let next = rows.len() as u32;
+                    let slot = *map.entry(key).or_insert(next) as usize;
+                    if slot == rows.len() {
+                        rows.push(0);
+                    }
+                    Some(slot)
+                }
+            };
+            // A dense table was sized from the same rows; an id outside it (the two scans
+            // disagreeing) is a person whose rows pass 2 will drop.
+            if let Some(slot) = slot {
+                rows[slot] = rows[slot].saturating_add(1);
+            }
+        })
+    }
+
+    /// Freezes the counts for pass 2.
+    pub(super) fn finish(mut self) -> Result<Selection, GateError> {
+        // Pass 2's table is 8 bytes a slot, and for a moment it lives beside pass 1's.
+        self.account(self.rows.len() * 8)
+            .map_err(|_| query_failed())?;
+        let mut seed = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| GateError::refused("internal", "no secure randomness available"))?;
+        // A person never counted gets an allowance already spent, so none of their rows is kept.
+        let progress = self
+            .rows
+            .iter()
+            .map(|n| {
+                if *n == 0 {
+                    u64::from(u32::MAX)
+                } else {
+                    u64::from(*n) << 32
+                }
+            })
+            .collect();
+        Ok(Selection {
+            max_rows: self.max_rows,
+            hasher: self.hasher,
+            index: self.index,
+            progress: Mutex::new(progress),
+            seeds: Mutex::new(rand::rngs::StdRng::from_seed(seed)),
+            _memory: self.memory,
+        })
+    }
+}
+
+/// Pass 2, per query: each person's row count from pass 1 and progress through their rows.
 pub struct Selection {
     max_rows: u32,
     hasher: std::collections::hash_map::RandomState,
-    state: Mutex<SelectionState>,
-}
-
-struct SelectionState {
-    /// person → (rows, seen, kept)
-    persons: HashMap<UnitKey, (u32, u32, u32), MixHasher>,
-    rng: rand::rngs::StdRng,
+    index: Index,
+    /// Pass 2's state per slot, one word so a row costs one memory access: the person's rows
+    /// not yet seen (pass 1's count to start with) in the high half, rows kept in the low half.
+    progress: Mutex<Vec<u64>>,
+    /// Seeds one generator per batch (a ChaCha stream seeded from ring).
+    seeds: Mutex<rand::rngs::StdRng>,
+    /// Held (and counted in the job's pool) until the query is done.
+    _memory: Option<MemoryReservation>,
 }
 
 /// A table hasher for 64-bit person keys: one multiply and a fold (SipHash's cost dominated
@@ -98,120 +238,152 @@ impl std::fmt::Debug for Selection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Selection")
             .field("max_rows", &self.max_rows)
+            .field("dense", &matches!(self.index, Index::Dense { .. }))
             .finish_non_exhaustive()
     }
 }
 
-impl Selection {
-    pub(super) fn new(max_rows: u32) -> Result<Self, GateError> {
-        let mut seed = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut seed)
-            .map_err(|_| GateError::refused("internal", "no secure randomness available"))?;
-        Ok(Selection {
-            max_rows,
-            hasher: Default::default(),
-            state: Mutex::new(SelectionState {
-                persons: HashMap::default(),
-                rng: rand::rngs::StdRng::from_seed(seed),
-            }),
-        })
-    }
-
-    /// The key of each row's person (`None` for a null id: such rows are never kept).
-    fn keys(&self, unit: &ArrayRef) -> Result<Vec<Option<UnitKey>>> {
-        Ok(match unit.data_type() {
-            DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
-                let ids = arrow::compute::cast(unit, &DataType::Int64)?;
-                ids.as_primitive::<Int64Type>().iter().collect()
-            }
-            DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
-                let ids = arrow::compute::cast(unit, &DataType::Int64)?;
-                ids.as_primitive::<Int64Type>().iter().collect()
-            }
-            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
-                let ids = arrow::compute::cast(unit, &DataType::Utf8)?;
-                ids.as_string::<i32>()
-                    .iter()
-                    .map(|s| {
-                        s.map(|s| {
-                            let mut h = self.hasher.build_hasher();
-                            s.hash(&mut h);
-                            h.finish() as i64
-                        })
-                    })
-                    .collect()
-            }
-            other => return internal_err!("a person id of type {other} cannot be bounded"),
-        })
-    }
-
-    /// Records pass 1's counts (`unit`, `rows`) from one batch.
-    pub(super) fn add_counts(&self, unit: &ArrayRef, rows: &ArrayRef) -> Result<()> {
-        let keys = self.keys(unit)?;
-        let rows = arrow::compute::cast(rows, &DataType::Int64)?;
-        let rows = rows.as_primitive::<Int64Type>();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.persons.reserve(keys.len());
-        for (key, n) in keys.into_iter().zip(rows.iter()) {
-            if let (Some(key), Some(n)) = (key, n) {
-                // Two string ids with one hash: their rows count together.
-                let rows = &mut state.persons.entry(key).or_default().0;
-                *rows = rows.saturating_add(u32::try_from(n.max(0)).unwrap_or(u32::MAX));
+/// Calls `f(row, key)` for each row of a person column (`None` for a null id).
+fn for_each_key(
+    unit: &ArrayRef,
+    hasher: &std::collections::hash_map::RandomState,
+    mut f: impl FnMut(usize, Option<UnitKey>),
+) -> Result<()> {
+    match unit.data_type() {
+        DataType::Int64 => unit
+            .as_primitive::<Int64Type>()
+            .iter()
+            .enumerate()
+            .for_each(|(i, k)| f(i, k)),
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => {
+            let ids = arrow::compute::cast(unit, &DataType::Int64)?;
+            ids.as_primitive::<Int64Type>()
+                .iter()
+                .enumerate()
+                .for_each(|(i, k)| f(i, k))
+        }
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
+            let ids = arrow::compute::cast(unit, &DataType::Utf8)?;
+            for (i, s) in ids.as_string::<i32>().iter().enumerate() {
+                f(
+                    i,
+                    s.map(|s| {
+                        let mut h = hasher.build_hasher();
+                        s.hash(&mut h);
+                        h.finish() as i64
+                    }),
+                )
             }
         }
-        Ok(())
+        other => return internal_err!("a person id of type {other} cannot be bounded"),
     }
+    Ok(())
+}
 
+impl Selection {
     /// Pass 2: keep or drop each row of one batch. Rows where `wanted` is not true (the
     /// query's own filters) are dropped without touching anyone's allowance.
     pub(super) fn keep(&self, unit: &ArrayRef, wanted: &BooleanArray) -> Result<BooleanArray> {
-        let keys = self.keys(unit)?;
         let k = self.max_rows;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let SelectionState { persons, rng } = &mut *state;
-        Ok(keys
-            .into_iter()
-            .zip(wanted.iter())
-            .map(|(key, wanted)| {
-                if wanted != Some(true) {
-                    return Some(false);
+        let mut rng = {
+            let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+            rand::rngs::StdRng::from_rng(&mut *seeds)
+        };
+        // Slots first, outside the lock (hash lookups run on both partitions at once).
+        let mut slots = Vec::with_capacity(unit.len());
+        for_each_key(unit, &self.hasher, |row, key| {
+            if wanted.is_valid(row) && wanted.value(row) {
+                if let Some(slot) = key.and_then(|key| self.index.slot(key)) {
+                    slots.push((row, slot));
                 }
-                let Some((n, seen, kept)) = key.and_then(|key| persons.get_mut(&key)) else {
-                    return Some(false);
-                };
-                let t = *seen;
-                *seen += 1;
-                let keep =
-                    *kept < k && (*n <= k || t >= *n || rng.random_range(0..*n - t) < k - *kept);
-                *kept += keep as u32;
-                Some(keep)
-            })
-            .collect())
+            }
+        })?;
+        let mut kept = vec![false; unit.len()];
+        // One batch at a time holds the table: plain loads and stores, whose cache misses the
+        // processor overlaps (atomic read-modify-writes from two threads serialise them).
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        for (row, slot) in slots {
+            let state = &mut progress[slot];
+            let (left, taken) = ((*state >> 32) as u32, *state as u32);
+            // Sequential selection sampling: with `left` of the person's rows still to come,
+            // this one is kept with probability (k − kept) / left. Past pass 1's count
+            // (`left` = 0) rows are kept until k; never a (k+1)-th row.
+            let keep = taken < k && (left <= k - taken || rng.random_range(0..left) < k - taken);
+            *state = (u64::from(left.saturating_sub(1)) << 32) | u64::from(taken + keep as u32);
+            kept[row] = keep;
+        }
+        Ok(BooleanArray::from(kept))
     }
 }
 
-/// Pass 1's plan: each person's row count over `source` (the scan and its filters).
-pub(super) fn count_plan(source: &LogicalPlan, unit: &UnitBound) -> Result<LogicalPlan, GateError> {
-    LogicalPlanBuilder::from(source.clone())
-        .aggregate(vec![unit_column(source, unit)?], vec![count(lit(1i64))])
-        .and_then(|b| b.build())
-        .map_err(|_| internal())
-}
-
-/// Builds a selection for one query and feeds it pass 1's output.
-pub(super) fn selection(
+/// Runs pass 1 over `source` (the scan and its filters) and returns pass 2's selection.
+/// Integer ids first get their range (one vectorised aggregate), so that a narrow range is
+/// counted in a flat table rather than a hash table.
+pub(super) async fn select(
+    session: &JobSession,
+    source: &LogicalPlan,
     unit: &UnitBound,
-    counts: &[arrow::record_batch::RecordBatch],
 ) -> Result<Arc<Selection>, GateError> {
     let max_rows = u32::try_from(unit.max_rows).map_err(|_| internal())?;
-    let selection = Selection::new(max_rows)?;
-    for b in counts {
-        selection
-            .add_counts(b.column(0), b.column(1))
+    let column = unit_column(source, unit)?;
+    let integer = source
+        .schema()
+        .field_with_unqualified_name(&unit.column)
+        .map(|f| f.data_type().is_integer())
+        .unwrap_or(false);
+    let range = if integer {
+        let plan = LogicalPlanBuilder::from(source.clone())
+            .aggregate(
+                Vec::<Expr>::new(),
+                vec![
+                    min(column.clone()),
+                    max(column.clone()),
+                    count(column.clone()),
+                ],
+            )
+            .and_then(|b| b.build())
             .map_err(|_| internal())?;
-    }
-    Ok(Arc::new(selection))
+        let out = session.execute(plan).await?;
+        let scalar = |c: usize| -> Option<i64> {
+            let b = out.0.iter().find(|b| b.num_rows() > 0)?;
+            match ScalarValue::try_from_array(b.column(c), 0)
+                .ok()?
+                .cast_to(&DataType::Int64)
+                .ok()?
+            {
+                ScalarValue::Int64(v) => v,
+                _ => None,
+            }
+        };
+        match (scalar(0), scalar(1), scalar(2)) {
+            (Some(lo), Some(hi), Some(rows)) => Some((lo, hi, rows.max(0) as u64)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let mut counter = Counter::new(max_rows, range);
+    counter
+        .account_in(&session.memory_pool())
+        .map_err(|_| query_failed())?;
+    let plan = LogicalPlanBuilder::from(source.clone())
+        .project(vec![column])
+        .and_then(|b| b.build())
+        .map_err(|_| internal())?;
+    session
+        .for_each_batch(plan, |batch| {
+            counter
+                .add(batch.column(0))
+                .and_then(|()| counter.account(0))
+                .map_err(|_| crate::engine::EngineError::Execution)
+        })
+        .await?;
+    Ok(Arc::new(counter.finish()?))
 }
 
 /// The one scan of `plan` with the filters directly on it: pass 1's input.
@@ -285,6 +457,11 @@ fn unit_column(plan: &LogicalPlan, unit: &UnitBound) -> Result<Expr, GateError> 
     Ok(Expr::Column(Column::new(qualifier.cloned(), field.name())))
 }
 
+/// The query's own failure (its debit stays), as for any execution error.
+fn query_failed() -> GateError {
+    crate::engine::EngineError::Execution.into()
+}
+
 fn internal() -> GateError {
     GateError::refused(
         "internal",
@@ -347,62 +524,159 @@ mod tests {
     use super::*;
     use arrow::array::Int64Array;
 
+    fn ids(v: Vec<i64>) -> ArrayRef {
+        Arc::new(Int64Array::from(v))
+    }
+
+    /// Both tables: hashed, and dense over ids `lo..=hi`.
+    fn counters(k: u32, lo: i64, hi: i64, rows: u64) -> [Counter; 2] {
+        let dense = Counter::new(k, Some((lo, hi, rows)));
+        assert!(matches!(dense.index, Index::Dense { .. }));
+        [Counter::new(k, None), dense]
+    }
+
     /// Rows 0..n of one person, k kept: exactly k every time, and every row equally likely.
     #[test]
     fn selection_sampling_keeps_exactly_k_rows_each_equally_often() {
         let (n, k, trials) = (12usize, 4u32, 6000);
-        let mut hits = vec![0u32; n];
-        for _ in 0..trials {
-            let s = Selection::new(k).unwrap();
-            let unit: ArrayRef = Arc::new(Int64Array::from(vec![7i64]));
-            let rows: ArrayRef = Arc::new(Int64Array::from(vec![n as i64]));
-            s.add_counts(&unit, &rows).unwrap();
-            // Two batches, as DataFusion would send them.
-            let first: ArrayRef = Arc::new(Int64Array::from(vec![7i64; 5]));
-            let rest: ArrayRef = Arc::new(Int64Array::from(vec![7i64; n - 5]));
-            let kept: Vec<bool> = [first, rest]
-                .iter()
-                .flat_map(|b| {
-                    s.keep(b, &BooleanArray::from(vec![true; b.len()]))
-                        .unwrap()
-                        .iter()
-                        .map(Option::unwrap)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            assert_eq!(kept.iter().filter(|k| **k).count() as u32, k);
-            for (i, k) in kept.iter().enumerate() {
-                hits[i] += *k as u32;
+        for table in 0..2 {
+            let mut hits = vec![0u32; n];
+            for _ in 0..trials {
+                let mut counter = counters(k, 7, 7, n as u64).into_iter().nth(table).unwrap();
+                counter.add(&ids(vec![7; n])).unwrap();
+                let s = counter.finish().unwrap();
+                // Two batches, as DataFusion would send them.
+                let kept: Vec<bool> = [ids(vec![7; 5]), ids(vec![7; n - 5])]
+                    .iter()
+                    .flat_map(|b| {
+                        s.keep(b, &BooleanArray::from(vec![true; b.len()]))
+                            .unwrap()
+                            .iter()
+                            .map(Option::unwrap)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                assert_eq!(kept.iter().filter(|k| **k).count() as u32, k);
+                for (i, k) in kept.iter().enumerate() {
+                    hits[i] += *k as u32;
+                }
             }
-        }
-        // Each row is kept with probability k/n = 1/3: 2000 of 6000, sd ≈ 36.5; 6 sd allowed.
-        for (i, h) in hits.iter().enumerate() {
-            assert!((*h as f64 - 2000.0).abs() < 220.0, "row {i}: {h} {hits:?}");
+            // Each row is kept with probability k/n = 1/3: 2000 of 6000, sd ≈ 36.5; 6 sd allowed.
+            for (i, h) in hits.iter().enumerate() {
+                assert!(
+                    (*h as f64 - 2000.0).abs() < 220.0,
+                    "table {table} row {i}: {h} {hits:?}"
+                );
+            }
         }
     }
 
     #[test]
     fn rows_beyond_what_pass_one_saw_and_unknown_persons_are_dropped() {
-        let s = Selection::new(3).unwrap();
-        let unit: ArrayRef = Arc::new(Int64Array::from(vec![1i64, 2]));
-        let rows: ArrayRef = Arc::new(Int64Array::from(vec![2i64, 5]));
-        s.add_counts(&unit, &rows).unwrap();
-        // Person 1 was counted with 2 rows but shows 6; person 2 shows 9 of 5; person 3 none.
-        let batch: ArrayRef = Arc::new(Int64Array::from(
-            [[1i64; 6].as_slice(), &[2; 9], &[3; 4]].concat(),
+        // Dense over 1..=2, so person 3 (and 0) fall outside the table.
+        for mut counter in counters(3, 1, 2, 7) {
+            counter.add(&ids(vec![1, 1, 2, 2, 2, 2, 2])).unwrap();
+            let s = counter.finish().unwrap();
+            // Person 1 was counted with 2 rows but shows 6; person 2 shows 9 of 5; 3 and 0 none.
+            let batch = ids([[1i64; 6].as_slice(), &[2; 9], &[3; 4], &[0; 2]].concat());
+            // Row 0 is one the query's filter dropped: it uses none of person 1's allowance.
+            let mut wanted = vec![true; batch.len()];
+            wanted[0] = false;
+            let kept = s.keep(&batch, &BooleanArray::from(wanted)).unwrap();
+            assert!(!kept.value(0));
+            let count = |range: std::ops::Range<usize>| range.filter(|i| kept.value(*i)).count();
+            assert_eq!(
+                count(0..6),
+                3,
+                "person 1: all of the 2 counted, then up to k"
+            );
+            assert_eq!(count(6..15), 3, "person 2");
+            assert_eq!(count(15..21), 0, "persons 3 and 0 were never counted");
+        }
+    }
+
+    /// Two threads (as DataFusion's two partitions) on the same persons at once: still exactly
+    /// k rows of each person with more than k, every row of the others.
+    #[test]
+    fn concurrent_partitions_never_keep_more_than_k() {
+        let (persons, k) = (500i64, 3u32);
+        // Person p has p % 8 + 1 rows in each of two halves.
+        let half: Vec<i64> = (0..persons)
+            .flat_map(|p| std::iter::repeat_n(p, (p % 8 + 1) as usize))
+            .collect();
+        for mut counter in counters(k, 0, persons - 1, 2 * half.len() as u64) {
+            counter.add(&ids(half.clone())).unwrap();
+            counter.add(&ids(half.clone())).unwrap();
+            let s = counter.finish().unwrap();
+            let kept: Vec<Vec<bool>> = std::thread::scope(|scope| {
+                let run = || {
+                    // Many small batches, so the threads interleave.
+                    half.chunks(7)
+                        .flat_map(|c| {
+                            let b = ids(c.to_vec());
+                            let keep = s.keep(&b, &BooleanArray::from(vec![true; c.len()]));
+                            keep.unwrap().iter().map(Option::unwrap).collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let a = scope.spawn(run);
+                let b = scope.spawn(run);
+                vec![a.join().unwrap(), b.join().unwrap()]
+            });
+            let mut per_person = vec![0u32; persons as usize];
+            for side in &kept {
+                for (p, keep) in half.iter().zip(side) {
+                    per_person[*p as usize] += *keep as u32;
+                }
+            }
+            for (p, n) in per_person.iter().enumerate() {
+                assert_eq!(*n, (2 * (p as u32 % 8 + 1)).min(k), "person {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn wide_or_huge_id_ranges_get_the_hashed_table() {
+        assert!(matches!(
+            Counter::new(3, Some((0, 10_000, 100))).index,
+            Index::Hashed(_)
         ));
-        // Row 0 is one the query's filter dropped: it uses none of person 1's allowance.
-        let mut wanted = vec![true; batch.len()];
-        wanted[0] = false;
-        let kept = s.keep(&batch, &BooleanArray::from(wanted)).unwrap();
-        assert!(!kept.value(0));
-        let count = |range: std::ops::Range<usize>| range.filter(|i| kept.value(*i)).count();
-        assert_eq!(
-            count(0..6),
-            3,
-            "person 1: all of the 2 counted, then up to k"
-        );
-        assert_eq!(count(6..15), 3, "person 2");
-        assert_eq!(count(15..19), 0, "person 3 was never counted");
+        assert!(matches!(
+            Counter::new(3, Some((i64::MIN, i64::MAX, u64::MAX))).index,
+            Index::Hashed(_)
+        ));
+        assert!(matches!(
+            Counter::new(3, Some((-5, 1000, 300))).index,
+            Index::Dense { .. }
+        ));
+    }
+
+    /// The per-person tables draw on the job's memory pool: a table the pool has no room for
+    /// fails the query instead of growing past the configured memory.
+    #[test]
+    fn per_person_tables_are_counted_in_the_jobs_memory_pool() {
+        use datafusion::execution::memory_pool::GreedyMemoryPool;
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(64 << 10));
+        // Dense over 100,000 ids: 400 KB up front.
+        let mut dense = Counter::new(3, Some((0, 99_999, 100_000)));
+        assert!(dense.account_in(&pool).is_err());
+        // Hashed: fits for a while, then the pool runs out as persons arrive.
+        let mut hashed = Counter::new(3, None);
+        hashed.account_in(&pool).unwrap();
+        hashed.add(&ids((0..100).collect())).unwrap();
+        hashed.account(0).unwrap();
+        assert!(pool.reserved() > 0);
+        hashed.add(&ids((0..100_000).collect())).unwrap();
+        assert!(hashed.account(0).is_err());
+        // A small table fits, pass 2's included, and gives its memory back when dropped.
+        drop(hashed);
+        assert_eq!(pool.reserved(), 0);
+        let mut small = Counter::new(3, Some((0, 999, 1000)));
+        small.account_in(&pool).unwrap();
+        small.add(&ids((0..1000).collect())).unwrap();
+        let selection = small.finish().unwrap();
+        assert!(pool.reserved() >= 1000 * 8);
+        drop(selection);
+        assert_eq!(pool.reserved(), 0);
     }
 }

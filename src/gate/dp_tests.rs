@@ -22,7 +22,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, BooleanArray, Int64Array};
 use datafusion::logical_expr::lit;
 
-use super::bound::Selection;
+use super::bound::Counter;
 use super::{MeasureSpec, calibrate, calibrate_threshold, threshold_mechanism};
 
 const N: usize = 20_000;
@@ -118,10 +118,10 @@ fn bounded_persons_spend_no_more_than_claimed_and_unbounded_ones_are_caught() {
     let noise = calibrate(&MeasureSpec::Rows, claim, u64::from(k)).unwrap();
     let base_count = 1000i64;
     let kept_in_group = |bound: u32| -> i64 {
-        let selection = Arc::new(Selection::new(bound).unwrap());
-        let unit: ArrayRef = Arc::new(Int64Array::from(vec![42i64]));
-        let rows: ArrayRef = Arc::new(Int64Array::from(vec![40i64]));
-        selection.add_counts(&unit, &rows).unwrap();
+        let mut counter = Counter::new(bound, Some((42, 42, 40)));
+        let person: ArrayRef = Arc::new(Int64Array::from(vec![42i64; 40]));
+        counter.add(&person).unwrap();
+        let selection = counter.finish().unwrap();
         let person: ArrayRef = Arc::new(Int64Array::from(vec![42i64; 40]));
         let kept = selection
             .keep(&person, &BooleanArray::from(vec![true; 40]))

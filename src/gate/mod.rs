@@ -20,6 +20,7 @@ mod fixed_point;
 mod plan;
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -38,7 +39,7 @@ use unseen_guest::contract::{
 
 use crate::catalog::{DatasetPolicy, KeyValue, OpenAttribute};
 use crate::config::Limits;
-use crate::engine::{EngineError, JobSession, TableSpec};
+use crate::engine::{EngineError, JobSession, Resources, TableSpec};
 use crate::ledger::{Ledger, LedgerError, Reservation};
 use crate::sandbox::functions::GuestFunctions;
 use crate::scenario::{Scenario, Status};
@@ -149,6 +150,9 @@ pub struct JobGrant {
     pub(crate) guest: Option<Arc<GuestFunctions>>,
 }
 
+/// The spill directory's name under the data directory.
+const SPILL_DIR: &str = "spill";
+
 #[derive(Clone)]
 pub struct Gate {
     store: Store,
@@ -170,6 +174,14 @@ struct Calibrated {
 
 impl Gate {
     pub fn new(store: Store, ledger: Arc<Ledger>, data_dir: PathBuf, limits: Limits) -> Self {
+        // Spill files of an earlier process are of jobs long over: start empty. A directory
+        // that cannot be made leaves spilling to fail, and with it only the queries that spill.
+        let spill = data_dir.join(SPILL_DIR);
+        let _ = std::fs::remove_dir_all(&spill);
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&spill);
         Gate {
             tables: crate::engine::TableCache::new(limits.table_cache_bytes),
             reuse: limits.reuse_releases,
@@ -178,6 +190,12 @@ impl Gate {
             data_dir,
             limits,
         }
+    }
+
+    /// Where queries spill sorts and aggregations that outgrow their memory: inside the data
+    /// directory, so inside the domain.
+    fn spill_dir(&self) -> PathBuf {
+        self.data_dir.join(SPILL_DIR)
     }
 
     /// Opens a job's view of the data: only the scenario's datasets, only its columns.
@@ -263,7 +281,12 @@ impl Gate {
             });
             datasets.insert(policy.table.clone(), policy);
         }
-        let session = JobSession::new(&specs, self.limits.query_memory_bytes, cache).await?;
+        let resources = Resources {
+            memory_bytes: self.limits.query_memory_bytes,
+            spill: (self.limits.spill_bytes > 0)
+                .then(|| (self.spill_dir(), self.limits.spill_bytes)),
+        };
+        let session = JobSession::new(&specs, &resources, cache).await?;
         if let Some(guest) = &guest {
             for udf in guest.scalar_udfs() {
                 session.register_udf(udf);
@@ -649,10 +672,7 @@ impl Gate {
         // Person-level data: pass 1 counts each person's rows, pass 2 (inside the aggregate
         // plan) keeps a random k of them.
         let selection = match &shape.unit {
-            Some(unit) => {
-                let counts = grant.session.execute(shape.unit_count_plan(unit)?).await?;
-                Some(bound::selection(unit, &counts.0)?)
-            }
+            Some(unit) => Some(bound::select(&grant.session, shape.unit_source()?, unit).await?),
             None => None,
         };
         let exact = grant

@@ -208,7 +208,7 @@ impl QueryShape {
     /// GROUP BY the keys, one aggregate per measurement, over the query's own input.
     ///
     /// For a person-level dataset, `selection` is the per-person row selection built from
-    /// [`QueryShape::unit_count_plan`]'s output; the plan keeps only the rows it picks.
+    /// [`QueryShape::unit_source`]; the plan keeps only the rows it picks.
     pub fn aggregate_plan(
         &self,
         selection: Option<&std::sync::Arc<super::bound::Selection>>,
@@ -232,11 +232,10 @@ impl QueryShape {
             .map_err(plan_error)
     }
 
-    /// Pass 1 of contribution bounding (see `bound.rs`): each person's rows after the query's
-    /// filters.
-    pub fn unit_count_plan(&self, unit: &UnitBound) -> Result<LogicalPlan, GateError> {
-        let source = super::bound::source(&self.input).ok_or_else(plan_error_text)?;
-        super::bound::count_plan(source, unit)
+    /// Pass 1's input for contribution bounding (see `bound.rs`): the scan and the query's
+    /// filters on it.
+    pub fn unit_source(&self) -> Result<&LogicalPlan, GateError> {
+        super::bound::source(&self.input).ok_or_else(plan_error_text)
     }
 
     /// How many rows one privacy unit can add or remove after bounding: the `d_in`, in
