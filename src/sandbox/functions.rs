@@ -84,7 +84,9 @@ impl UdfMode {
 pub struct UdfInfo {
     pub name: String,
     pub signature: UdfSignature,
-    /// The per-row export exists and writes no instance state.
+    /// The per-row export (native arguments, no frame) exists with the declared types.
+    pub row_export: bool,
+    /// ... and writes no instance state, so one instance may serve every row.
     pub pure_row: bool,
 }
 
@@ -346,55 +348,73 @@ impl GuestFunctions {
         answer
     }
 
+    /// The common shapes of a shared-instance UDF (one or two float arguments, a float
+    /// result) through typed calls, a few ns each; `None` for any other shape.
+    fn typed_floats(
+        &self,
+        udf: &UdfInfo,
+        function: wasmtime::Func,
+        store: &mut Store<FnState>,
+        args: &[ArrayRef],
+        rows: usize,
+    ) -> DfResult<Option<ArrayRef>> {
+        let floats: Vec<&Float64Array> = args
+            .iter()
+            .filter_map(|a| a.as_primitive_opt::<Float64Type>())
+            .collect();
+        let float_result = udf.signature.returns == UdfType::Float64;
+        if !(float_result && floats.len() == args.len() && (1..=2).contains(&floats.len())) {
+            return Ok(None);
+        }
+        let changed = |_| {
+            datafusion::error::DataFusionError::Execution("the UDF's row export changed".into())
+        };
+        let mut call: Box<dyn FnMut(&mut Store<FnState>, usize) -> wasmtime::Result<f64>> =
+            if let [x, y] = floats.as_slice() {
+                let f = function
+                    .typed::<(f64, f64), f64>(&*store)
+                    .map_err(changed)?;
+                let (x, y) = (*x, *y);
+                Box::new(move |s, row| f.call(s, (x.value(row), y.value(row))))
+            } else {
+                let f = function.typed::<f64, f64>(&*store).map_err(changed)?;
+                let x = floats[0];
+                Box::new(move |s, row| f.call(s, x.value(row)))
+            };
+        let default = udf.signature.default.as_f64();
+        let values: Vec<Option<f64>> = (0..rows)
+            .map(|row| {
+                if floats.iter().any(|a| a.is_null(row)) {
+                    return None;
+                }
+                let _ = store.set_fuel(self.limits.udf_fuel_per_row);
+                call(store, row).ok().or(default)
+            })
+            .collect();
+        Ok(Some(Arc::new(Float64Array::from(values))))
+    }
+
     fn per_row(&self, udf: &UdfInfo, args: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
         let mut out = Results::new(udf.signature.returns, rows);
-        if udf.pure_row {
-            // One instance for every row: the function cannot write its state (see purity.rs).
-            let Ok(Warm {
-                mut store,
-                instance,
-            }) = self.instance()
-            else {
-                return exec_err!("no wasm instance slot");
-            };
-            let Some(function) =
-                instance.get_func(&mut store, &format!("{ROW_PREFIX}{}", udf.name))
-            else {
-                return exec_err!("the UDF's row export vanished");
-            };
-            // The common shapes through typed calls (a few ns each), the rest through `Val`s.
-            let floats: Vec<&Float64Array> = args
-                .iter()
-                .filter_map(|a| a.as_primitive_opt::<Float64Type>())
-                .collect();
-            let float_result = udf.signature.returns == UdfType::Float64;
-            if float_result && floats.len() == args.len() && (1..=2).contains(&floats.len()) {
-                let changed = |_| {
-                    datafusion::error::DataFusionError::Execution(
-                        "the UDF's row export changed".into(),
-                    )
+        if udf.row_export {
+            let export = format!("{ROW_PREFIX}{}", udf.name);
+            // A proven state-free function gets one instance for every row (see purity.rs);
+            // any other a fresh one per row, called through the same native export.
+            let mut shared = if udf.pure_row {
+                let Ok(warm) = self.instance() else {
+                    return exec_err!("no wasm instance slot");
                 };
-                let mut call: Box<dyn FnMut(&mut Store<FnState>, usize) -> wasmtime::Result<f64>> =
-                    if let [x, y] = floats.as_slice() {
-                        let f = function.typed::<(f64, f64), f64>(&store).map_err(changed)?;
-                        let (x, y) = (*x, *y);
-                        Box::new(move |s, row| f.call(s, (x.value(row), y.value(row))))
-                    } else {
-                        let f = function.typed::<f64, f64>(&store).map_err(changed)?;
-                        let x = floats[0];
-                        Box::new(move |s, row| f.call(s, x.value(row)))
-                    };
-                let default = udf.signature.default.as_f64();
-                let values: Vec<Option<f64>> = (0..rows)
-                    .map(|row| {
-                        if floats.iter().any(|a| a.is_null(row)) {
-                            return None;
-                        }
-                        let _ = store.set_fuel(self.limits.udf_fuel_per_row);
-                        call(&mut store, row).ok().or(default)
-                    })
-                    .collect();
-                return Ok(Arc::new(Float64Array::from(values)));
+                Some(warm)
+            } else {
+                None
+            };
+            if let Some(Warm { store, instance }) = &mut shared {
+                let Some(function) = instance.get_func(&mut *store, &export) else {
+                    return exec_err!("the UDF's row export vanished");
+                };
+                if let Some(values) = self.typed_floats(udf, function, store, args, rows)? {
+                    return Ok(values);
+                }
             }
             let mut params = vec![Val::I32(0); args.len()];
             let mut result = [Val::I32(0)];
@@ -406,10 +426,25 @@ impl GuestFunctions {
                     }
                     *param = wasm_value(array, row);
                 }
+                let mut fresh;
+                let warm = match &mut shared {
+                    Some(warm) => warm,
+                    None => {
+                        let Ok(warm) = self.instance() else {
+                            return exec_err!("no wasm instance slot");
+                        };
+                        fresh = warm;
+                        &mut fresh
+                    }
+                };
+                let Warm { store, instance } = warm;
                 let _ = store.set_fuel(self.limits.udf_fuel_per_row);
-                match function.call(&mut store, &params, &mut result) {
-                    Ok(()) => out.push_val(&result[0], &udf.signature.default),
-                    Err(_) => out.push_value(&udf.signature.default),
+                let called = instance
+                    .get_func(&mut *store, &export)
+                    .map(|f| f.call(&mut *store, &params, &mut result));
+                match called {
+                    Some(Ok(())) => out.push_val(&result[0], &udf.signature.default),
+                    _ => out.push_value(&udf.signature.default),
                 }
             }
         } else {

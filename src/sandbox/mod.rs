@@ -662,6 +662,7 @@ impl Sandbox {
                                 .is_some_and(|w| ValType::eq(&results[0], &w))
                     });
             udfs.push(UdfInfo {
+                row_export: row_ok,
                 pure_row: row_ok && pure.get(&row_export).copied().unwrap_or(false),
                 name,
                 signature,
