@@ -217,6 +217,9 @@ pub enum ColumnKind {
     Variance,
     /// `STDDEV_POP`/`STDDEV_SAMP`/`STDDEV` of a clamped column: the population deviation.
     StdDev,
+    /// `MEDIAN` / `PERCENTILE_CONT(x, q)` of a clamped column: one of 1,024 values evenly
+    /// spaced over its bounds.
+    Quantile,
     /// The DP mean over blocks of a guest function's clamped output (sample-and-aggregate).
     BlockMean,
 }

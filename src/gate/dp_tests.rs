@@ -1,7 +1,8 @@
 //! Statistical privacy tests. For each mechanism the gate uses — Laplace on counts, Laplace on
 //! fixed-point clamped sums, the Laplace threshold of partition selection, the bounded mean
 //! over blocks of sample-and-aggregate — and for per-person
-//! contribution bounding, draw many releases on a pair of neighbouring datasets, estimate the
+//! contribution bounding, and the private quantile (exponential-style noisy max over candidates),
+//! draw many releases on a pair of neighbouring datasets, estimate the
 //! privacy loss, and check it against the ε (and δ) the gate would charge. Each test also runs
 //! a deliberately broken twin (half the noise; no bounding; a threshold of 1) through the same
 //! check, which must catch it — so a check that could never fail would fail here.
@@ -221,6 +222,32 @@ fn block_means_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
             eps <= spent,
             should_pass,
             "ε lower bound {eps} against the claim {spent} (proper scale {proper_scale})"
+        );
+    }
+}
+
+/// The private quantile (median over two candidates, 0 and 1): x′ holds one value at 0.5, so
+/// both candidates score alike; x adds a row at −1, which moves candidate 0's score one unit
+/// closer and candidate 1's one unit further — the opposite shifts on which the mechanism's
+/// ε is tight. P[1 | x′] / P[1 | x] = e^ε; the half-scale twin shows e^{2ε}.
+#[test]
+fn quantiles_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
+    use super::quantile::calibrate_over;
+    let claim = 1.0;
+    let proper = calibrate_over(vec![0.0, 1.0], -10.0, 10.0, 0.5, claim, 1).unwrap();
+    let broken = calibrate_over(vec![0.0, 1.0], -10.0, 10.0, 0.5, 2.0 * claim, 1).unwrap();
+    for (m, should_pass) in [(&proper, true), (&broken, false)] {
+        let draws =
+            |data: &[f64]| -> Vec<i64> { (0..N).map(|_| m.draw(data).unwrap() as i64).collect() };
+        let with_one = draws(&[0.5]);
+        let with_two = draws(&[0.5, -1.0]);
+        let eps = epsilon_lower_bound(&with_one, &with_two, 1);
+        assert_eq!(
+            eps <= proper.epsilon,
+            should_pass,
+            "scale {}: ε lower bound {eps} against the claim {}",
+            m.scale,
+            proper.epsilon
         );
     }
 }

@@ -18,6 +18,7 @@ mod blocks;
 mod bound;
 mod fixed_point;
 mod plan;
+mod quantile;
 
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Int64Type};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use opendp::core::{Measurement, Transformation};
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
 use opendp::measurements::{make_laplace, make_laplace_threshold};
@@ -592,24 +593,38 @@ impl Gate {
         } else {
             None
         };
-        let calibrated = if exact {
-            Vec::new()
+        let (calibrated, quantiles) = if exact {
+            (Vec::new(), Vec::new())
         } else {
-            shape
-                .measures
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
+            let mut calibrated = Vec::new();
+            let mut quantiles = Vec::new();
+            for (i, m) in shape.measures.iter().enumerate() {
+                match m {
                     // With private keys the row count is released by the threshold mechanism.
-                    if i == 0 && private {
-                        Ok(None)
-                    } else {
-                        calibrate(m, per_measure, shape.rows_per_unit()).map(Some)
+                    _ if i == 0 && private => {
+                        calibrated.push(None);
+                        quantiles.push(None);
                     }
-                })
-                .collect::<Result<Vec<_>, _>>()?
+                    MeasureSpec::Quantile { lo, hi, q, .. } => {
+                        calibrated.push(None);
+                        quantiles.push(Some(quantile::calibrate(
+                            *lo,
+                            *hi,
+                            *q,
+                            per_measure,
+                            shape.rows_per_unit(),
+                        )?));
+                    }
+                    _ => {
+                        calibrated.push(Some(calibrate(m, per_measure, shape.rows_per_unit())?));
+                        quantiles.push(None);
+                    }
+                }
+            }
+            (calibrated, quantiles)
         };
         let epsilon: f64 = calibrated.iter().flatten().map(|c| c.epsilon).sum::<f64>()
+            + quantiles.iter().flatten().map(|q| q.epsilon).sum::<f64>()
             + threshold.as_ref().map_or(0.0, |t| t.epsilon);
         // As the ledger will record it (a short decimal, never below the mechanism's δ).
         let delta = threshold
@@ -649,6 +664,7 @@ impl Gate {
                 pricing: Pricing {
                     exact,
                     calibrated,
+                    quantiles,
                     threshold,
                     epsilon,
                     delta,
@@ -702,6 +718,22 @@ impl Gate {
             .map(|(i, k)| (k.iter().map(key_text).collect(), i))
             .collect();
         let mut exact_values = vec![vec![0i64; keys.len()]; shape.measures.len()];
+        let is_quantile: Vec<bool> = shape
+            .measures
+            .iter()
+            .map(|m| matches!(m, MeasureSpec::Quantile { .. }))
+            .collect();
+        // Each quantile measure's values per group (empty for the other measures).
+        let mut exact_lists: Vec<Vec<Vec<f64>>> = is_quantile
+            .iter()
+            .map(|q| {
+                if *q {
+                    vec![Vec::new(); keys.len()]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         for batch in &exact.0 {
             let key_text_columns = (0..shape.groups.len())
                 .map(|g| arrow::compute::cast(batch.column(g), &DataType::Utf8))
@@ -709,7 +741,12 @@ impl Gate {
                 .map_err(|_| failed())?;
             let measure_columns = (0..shape.measures.len())
                 .map(|m| {
-                    arrow::compute::cast(batch.column(shape.groups.len() + m), &DataType::Int64)
+                    let column = batch.column(shape.groups.len() + m);
+                    if is_quantile[m] {
+                        Ok(column.clone())
+                    } else {
+                        arrow::compute::cast(column, &DataType::Int64)
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| failed())?;
@@ -733,11 +770,27 @@ impl Gate {
                         for m in &mut exact_values {
                             m.push(0);
                         }
+                        for (m, lists) in exact_lists.iter_mut().enumerate() {
+                            if is_quantile[m] {
+                                lists.push(Vec::new());
+                            }
+                        }
                         index.insert(key, keys.len() - 1);
                         keys.len() - 1
                     }
                 };
                 for (m, col) in measure_columns.iter().enumerate() {
+                    if is_quantile[m] {
+                        let list = col.as_list_opt::<i32>().ok_or_else(failed)?;
+                        if !list.is_null(row) {
+                            let values = list.value(row);
+                            let values = values
+                                .as_primitive_opt::<Float64Type>()
+                                .ok_or_else(failed)?;
+                            exact_lists[m][slot].extend(values.iter().flatten());
+                        }
+                        continue;
+                    }
                     let col = col.as_primitive::<Int64Type>();
                     exact_values[m][slot] = if col.is_null(row) { 0 } else { col.value(row) };
                 }
@@ -745,8 +798,11 @@ impl Gate {
         }
         drop(exact);
 
+        // Which group slot each released row is, in release order.
+        let released_slots: Vec<usize>;
         let (keys, noisy): (Vec<Vec<Value>>, Vec<Vec<i64>>) = if pricing.exact {
             // Unconditional data: released as computed.
+            released_slots = (0..keys.len()).collect();
             (keys, exact_values)
         } else if let Some(threshold) = &pricing.threshold {
             // Partition selection: noisy unit counts, and only the groups whose noisy count
@@ -764,21 +820,61 @@ impl Gate {
             slots.sort_by(|a, b| by_text[*a].cmp(&by_text[*b]));
             let mut noisy = vec![slots.iter().map(|g| chosen[&by_text[*g]]).collect()];
             for (m, c) in pricing.calibrated.iter().enumerate().skip(1) {
+                if is_quantile[m] {
+                    noisy.push(vec![0; slots.len()]); // released from `quantiles` below
+                    continue;
+                }
                 let c = c.as_ref().ok_or_else(failed)?;
                 let values: Vec<i64> = slots.iter().map(|g| exact_values[m][*g]).collect();
                 noisy.push(c.draw(&values)?);
             }
             let keys = slots.iter().map(|g| keys[*g].clone()).collect();
+            released_slots = slots;
             (keys, noisy)
         } else {
+            released_slots = (0..keys.len()).collect();
             let noisy = pricing
                 .calibrated
                 .iter()
                 .zip(exact_values)
-                .map(|(c, v)| c.as_ref().ok_or_else(failed).and_then(|c| c.draw(&v)))
+                .enumerate()
+                .map(|(m, (c, v))| {
+                    if is_quantile[m] {
+                        return Ok(vec![0; v.len()]); // released from `quantiles` below
+                    }
+                    c.as_ref().ok_or_else(failed).and_then(|c| c.draw(&v))
+                })
                 .collect::<Result<_, GateError>>()?;
             (keys, noisy)
         };
+        // Quantiles per released group: OpenDP's private quantile over the group's values, or
+        // the exact one for unconditional data.
+        let quantiles: Vec<Vec<Option<f64>>> = shape
+            .measures
+            .iter()
+            .enumerate()
+            .map(|(m, spec)| {
+                let MeasureSpec::Quantile { lo, hi, q, .. } = spec else {
+                    return Ok(Vec::new());
+                };
+                released_slots
+                    .iter()
+                    .map(|g| {
+                        let values = &exact_lists[m][*g];
+                        if pricing.exact {
+                            return Ok(quantile::exact(values, *lo, *hi, *q));
+                        }
+                        let mechanism = pricing
+                            .quantiles
+                            .get(m)
+                            .and_then(Option::as_ref)
+                            .ok_or_else(failed)?;
+                        mechanism.draw(values).map(Some)
+                    })
+                    .collect::<Result<Vec<_>, GateError>>()
+            })
+            .collect::<Result<_, GateError>>()?;
+        drop(exact_lists);
 
         let min_group = if pricing.exact || pricing.threshold.is_some() {
             0.0
@@ -812,6 +908,9 @@ impl Gate {
                                     Value::Float((spec.shift() + v / n).clamp(lo, hi))
                                 }
                                 ColumnKind::Count => Value::Int(noisy[*measure][g]),
+                                ColumnKind::Quantile => {
+                                    quantiles[*measure][g].map_or(Value::Null, Value::Float)
+                                }
                                 _ => Value::Float(v),
                             }
                         }
@@ -888,6 +987,22 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
             OutputSpec::Measure {
                 name,
                 measure,
+                kind: ColumnKind::Quantile,
+            } => ReleasedColumn {
+                name: name.clone(),
+                kind: ColumnKind::Quantile,
+                // In ranks (rows of the group), not in the column's units: how far from
+                // splitting the group at q the released value may be.
+                noise_scale: pricing
+                    .quantiles
+                    .get(*measure)
+                    .and_then(|q| q.as_ref().map(|q| q.scale))
+                    .or(Some(0.0)),
+                ci95_half_width: None,
+            },
+            OutputSpec::Measure {
+                name,
+                measure,
                 kind,
             } => {
                 let scale = match (pricing.calibrated.get(*measure), &pricing.threshold) {
@@ -929,8 +1044,11 @@ enum Work {
 struct Pricing {
     /// Unconditional data: no noise at all.
     exact: bool,
-    /// Per measurement; `None` for the row count when `threshold` releases it.
+    /// Per measurement; `None` for the row count when `threshold` releases it, and for
+    /// quantiles (see `quantiles`).
     calibrated: Vec<Option<Calibrated>>,
+    /// Per measurement: the quantile mechanism of each quantile measure.
+    quantiles: Vec<Option<quantile::QuantileMechanism>>,
     /// Partition selection, when the group keys are not public.
     threshold: Option<Threshold>,
     epsilon: f64,
@@ -1007,6 +1125,11 @@ fn calibrate(
                     SymmetricDistance,
                 )?;
             t.map(&rows)?
+        }
+        MeasureSpec::Quantile { .. } => {
+            return Err(GateError::Mechanism(
+                "a quantile is calibrated by quantile::calibrate".into(),
+            ));
         }
         MeasureSpec::ClampedSum { .. } => {
             let (lo, hi) = spec.fixed_point_bounds();

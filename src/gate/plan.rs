@@ -5,7 +5,7 @@
 
 use arrow::datatypes::DataType;
 use datafusion::common::DFSchema;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
+use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit,
 };
@@ -52,6 +52,15 @@ pub enum MeasureSpec {
         fixed_point: f64,
         squared: bool,
     },
+    /// The `q` quantile of clamp(x, lo, hi) per group: the group's values are gathered
+    /// (`ARRAY_AGG`) and the gate releases one by OpenDP's private quantile (`quantile.rs`).
+    Quantile {
+        expr: Expr,
+        column: String,
+        lo: f64,
+        hi: f64,
+        q: f64,
+    },
 }
 
 impl MeasureSpec {
@@ -75,6 +84,9 @@ impl MeasureSpec {
                 };
                 format!("{what}({column} in [{lo}, {hi}])")
             }
+            MeasureSpec::Quantile {
+                column, lo, hi, q, ..
+            } => format!("quantile({q}, {column} in [{lo}, {hi}])"),
         }
     }
 
@@ -94,7 +106,9 @@ impl MeasureSpec {
 
     pub fn bounds(&self) -> (f64, f64) {
         match self {
-            MeasureSpec::ClampedSum { lo, hi, .. } => (*lo, *hi),
+            MeasureSpec::ClampedSum { lo, hi, .. } | MeasureSpec::Quantile { lo, hi, .. } => {
+                (*lo, *hi)
+            }
             _ => (f64::NEG_INFINITY, f64::INFINITY),
         }
     }
@@ -156,7 +170,23 @@ impl MeasureSpec {
                 );
                 sum(udf.call(vec![x])).alias(name)
             }
+            // Nulls are gathered too and dropped by the gate; clamping happens there.
+            MeasureSpec::Quantile { expr, .. } => {
+                array_agg(cast(expr.clone(), DataType::Float64)).alias(name)
+            }
         })
+    }
+}
+
+/// A literal fraction in [0, 1] (a quantile's q).
+fn literal_fraction(e: &Expr) -> Option<f64> {
+    let Expr::Literal(v, _) = unalias(e) else {
+        return None;
+    };
+    let q = v.cast_to(&DataType::Float64).ok()?;
+    match q {
+        datafusion::common::ScalarValue::Float64(Some(q)) if (0.0..=1.0).contains(&q) => Some(q),
+        _ => None,
     }
 }
 
@@ -378,6 +408,23 @@ pub fn analyse(
             measures.len() - 1
         }
     };
+    // A column's clamping bounds: the query's, else the catalogue's; none is a refusal that
+    // says how to give them.
+    let bounds_of = |column: &String, e: &Expr| -> Result<[f64; 2], GateError> {
+        request
+            .bounds
+            .get(column)
+            .copied()
+            .or_else(|| policy.columns.get(column).and_then(|c| c.bounds))
+            .ok_or_else(|| {
+                refuse(
+                    "unbounded_column",
+                    format!(
+                        "{e} is unbounded: one person could move it arbitrarily far. Give bounds for {column:?} in the query (e.g. \"bounds\": {{\"{column}\": [0, 100]}}); values outside are clamped"
+                    ),
+                )
+            })
+    };
     let mut agg_outputs = Vec::new();
     for e in aggr_expr {
         let Expr::AggregateFunction(af) = unalias(e) else {
@@ -388,7 +435,12 @@ pub fn analyse(
         };
         let p = &af.params;
         let name = af.func.name().to_ascii_lowercase();
-        if (p.distinct && name != "count") || p.filter.is_some() || !p.order_by.is_empty() {
+        // `PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY x)` plans as an ordering on x.
+        let ordered_set = name == "percentile_cont" && p.order_by.len() == 1;
+        if (p.distinct && name != "count")
+            || p.filter.is_some()
+            || (!p.order_by.is_empty() && !ordered_set)
+        {
             return Err(refuse(
                 "unsupported_aggregate",
                 format!(
@@ -426,6 +478,47 @@ pub fn analyse(
                     None,
                 )
             }
+            ("median" | "percentile_cont", Some(first)) => {
+                let (x, q) = match (name.as_str(), p.args.as_slice()) {
+                    ("median", [x]) => (x, Some(0.5)),
+                    (_, [q]) if ordered_set => (&p.order_by[0].expr, literal_fraction(q)),
+                    (_, [x, q]) => (x, literal_fraction(q)),
+                    _ => (first, None),
+                };
+                let Some(q) = q else {
+                    return Err(refuse(
+                        "unsupported_aggregate",
+                        format!(
+                            "{e}: the quantile must be a number between 0 and 1 written in the query (e.g. PERCENTILE_CONT(fare, 0.9))"
+                        ),
+                    ));
+                };
+                check_expr(x, schema)?;
+                let column = column_of(x).ok_or_else(|| {
+                    refuse(
+                        "unsupported_aggregate",
+                        format!("{e}: MEDIAN and PERCENTILE_CONT take a column"),
+                    )
+                })?;
+                if !x.get_type(schema).map(|t| t.is_numeric()).unwrap_or(false) {
+                    return Err(refuse(
+                        "unsupported_aggregate",
+                        format!("{e}: {column:?} is not numeric"),
+                    ));
+                }
+                let [lo, hi] = bounds_of(&column, e)?;
+                (
+                    add(MeasureSpec::Quantile {
+                        expr: x.clone(),
+                        column,
+                        lo,
+                        hi,
+                        q,
+                    }),
+                    ColumnKind::Quantile,
+                    None,
+                )
+            }
             ("sum" | "avg" | "var" | "var_pop" | "stddev" | "stddev_pop", Some(x)) => {
                 check_expr(x, schema)?;
                 let column = column_of(x).ok_or_else(|| {
@@ -437,19 +530,7 @@ pub fn analyse(
                         format!("{e}: {column:?} is not numeric"),
                     ));
                 }
-                let [lo, hi] = request
-                    .bounds
-                    .get(&column)
-                    .copied()
-                    .or_else(|| policy.columns.get(&column).and_then(|c| c.bounds))
-                    .ok_or_else(|| {
-                        refuse(
-                            "unbounded_column",
-                            format!(
-                                "{e} is unbounded: one person could move it arbitrarily far. Give bounds for {column:?} in the query (e.g. \"bounds\": {{\"{column}\": [0, 100]}}); values outside are clamped"
-                            ),
-                        )
-                    })?;
+                let [lo, hi] = bounds_of(&column, e)?;
                 let (shift, kind) = match name.as_str() {
                     "sum" => (0.0, ColumnKind::Sum),
                     "avg" => ((lo + hi) / 2.0, ColumnKind::Mean),
@@ -484,7 +565,7 @@ pub fn analyse(
                 return Err(refuse(
                     "unsupported_aggregate",
                     format!(
-                        "{e}: only COUNT, COUNT(DISTINCT), SUM, AVG, VAR and STDDEV can be released here (quantiles and others are not built yet)"
+                        "{e}: only COUNT, COUNT(DISTINCT), SUM, AVG, VAR, STDDEV, MEDIAN and PERCENTILE_CONT can be released here"
                     ),
                 ));
             }

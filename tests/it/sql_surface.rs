@@ -121,7 +121,8 @@ async fn means_and_two_key_groupings_release_every_public_key() {
 }
 
 /// Exact population variance of fare clamped to [0, 100], and trips, per district.
-fn exact_spread(path: &std::path::Path) -> std::collections::HashMap<String, (f64, usize)> {
+/// Each district's fares, clamped to [0, 100].
+fn clamped_fares(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f64>> {
     use arrow::array::{AsArray, Float64Array};
     let file = std::fs::File::open(path).unwrap();
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
@@ -146,6 +147,10 @@ fn exact_spread(path: &std::path::Path) -> std::collections::HashMap<String, (f6
         }
     }
     fares
+}
+
+fn exact_spread(path: &std::path::Path) -> std::collections::HashMap<String, (f64, usize)> {
+    clamped_fares(path)
         .into_iter()
         .map(|(d, v)| {
             let n = v.len() as f64;
@@ -209,5 +214,80 @@ async fn variances_deviations_and_distinct_counts_are_released_with_their_noise(
     for row in hours["rows"].as_array().unwrap() {
         let h = row[1].as_i64().unwrap();
         assert!((12..=36).contains(&h), "{row}: 24 hours, noise of scale 1");
+    }
+}
+
+/// MEDIAN and PERCENTILE_CONT (both spellings) per district, by OpenDP's private quantile:
+/// near the exact quantile of the clamped fares, priced like any measurement, and refused
+/// with a reason when q is not a literal fraction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn medians_and_percentiles_are_released_by_the_private_quantile() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "hour", "fare"], 15.0, 15.0)
+        .await;
+    let bounds = json!({"fare": [0, 100]});
+    let (answers, _) = s
+        .ask(
+            &scenario,
+            &module,
+            json!([
+                {"sql": "SELECT district, MEDIAN(fare) AS m, PERCENTILE_CONT(fare, 0.9) AS p90 FROM trips GROUP BY district", "epsilon": 6.0, "bounds": bounds},
+                {"sql": "SELECT district, PERCENTILE_CONT(0.25) WITHIN GROUP (ORDER BY fare) AS p25 FROM trips GROUP BY district", "epsilon": 4.0, "bounds": bounds},
+                {"sql": "SELECT district, PERCENTILE_CONT(fare, hour) AS p FROM trips GROUP BY district", "epsilon": 1.0, "bounds": bounds},
+                {"sql": "SELECT district, PERCENTILE_CONT(fare, 1.5) AS p FROM trips GROUP BY district", "epsilon": 1.0, "bounds": bounds},
+            ]),
+        )
+        .await;
+    let fares = clamped_fares(&s.data_path());
+    let exact = |district: &str, q: f64| {
+        let mut v = fares[district].clone();
+        v.sort_by(f64::total_cmp);
+        v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+    };
+    let first = &answers[0]["release"];
+    // ε 6 over three measurements (the row count, the median, the 90th percentile).
+    assert!(
+        (first["epsilon"].as_f64().unwrap() - 6.0).abs() < 1e-6,
+        "{first}"
+    );
+    assert_eq!(first["columns"][1]["kind"], "quantile");
+    // OpenDP's scale for a median at ε 2, one row per person: 2·1·½ / 2 = ½ a rank.
+    let scale = first["columns"][1]["noise_scale"].as_f64().unwrap();
+    assert!((scale - 0.5).abs() < 1e-6, "{scale}");
+    let second = &answers[1]["release"];
+    for (release, columns) in [(first, vec![(1, 0.5), (2, 0.9)]), (second, vec![(1, 0.25)])] {
+        let rows = release["rows"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answers}"));
+        assert_eq!(rows.len(), 16, "every public district");
+        for row in rows {
+            let district = row[0].as_str().unwrap();
+            for (c, q) in &columns {
+                let got = row[*c].as_f64().unwrap();
+                let want = exact(district, *q);
+                // A handful of ranks off at most, over ≥ 200 fares per district.
+                assert!(
+                    (got - want).abs() < 3.0,
+                    "{district} q {q}: {got} vs {want} (n = {})",
+                    fares[district].len()
+                );
+                assert!((0.0..=100.0).contains(&got));
+            }
+        }
+    }
+    for refused in &answers.as_array().unwrap()[2..] {
+        assert_eq!(
+            refused["error"]["code"], "unsupported_aggregate",
+            "{refused}"
+        );
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("between 0 and 1"),
+            "{refused}"
+        );
     }
 }
