@@ -79,9 +79,11 @@ pub enum Event {
 }
 
 /// The nearest double to a 6-significant-digit decimal that is at least `x`. δ values from
-/// OpenDP's maps have 17 digits, and serde_json's default parser may read such a number back
-/// one unit in the last place off, which would break the entry's hash on verification; a short
-/// decimal parses exactly. Rounding up charges at most 10⁻⁵ of δ more than was spent.
+/// OpenDP's maps have 17 digits; serde_json's default parser could read such a number back
+/// one unit in the last place off, which broke an entry's hash on verification. serde_json's
+/// `float_roundtrip` (enabled since, for ε too) makes every double read back exactly; δ stays
+/// a short decimal so that entries read as what an auditor expects. Rounding up charges at
+/// most 10⁻⁵ of δ more than was spent.
 pub(crate) fn short_decimal_at_least(x: f64) -> f64 {
     if !(x.is_finite() && x > 0.0) {
         return x;

@@ -414,3 +414,43 @@ fn delta_is_capped_per_scenario_and_replays_the_same_offline() {
         summary.total_delta
     );
 }
+
+/// ε as OpenDP's maps give it has up to 17 significant digits (0.49999999999999994,
+/// 1.9999999999999998, k/3 …). Every such value must read back to the same double, or the
+/// entry's hash would not verify: many awkward values, reserved, then the file verified.
+#[test]
+fn epsilons_with_seventeen_digits_read_back_exactly_and_verify() {
+    let mut g = grant("scn", 1e6, 1e6);
+    if let Event::Grant {
+        dataset_total,
+        developer_epsilon,
+        ..
+    } = &mut g
+    {
+        (*dataset_total, *developer_epsilon) = (1e6, 1e6);
+    }
+    let f = fixture(vec![g]);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut values = vec![
+        0.49999999999999994,
+        1.9999999999999998,
+        1.0 / 3.0,
+        0.1 + 0.2,
+    ];
+    for _ in 0..300 {
+        // A deterministic spread of doubles in (0, 2) with full 53-bit mantissas.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        values.push((x >> 11) as f64 / (1u64 << 52) as f64);
+    }
+    for (i, eps) in values.iter().enumerate() {
+        let job = format!("job_{i}");
+        let r = f.ledger.reserve(&reservation(&job, "scn", *eps)).unwrap();
+        let text = serde_json::to_string(eps).unwrap();
+        assert_eq!(serde_json::from_str::<f64>(&text).unwrap(), *eps, "{text}");
+        f.ledger.commit(&r, true, "released").unwrap();
+    }
+    let summary = verify_db(&f).unwrap();
+    assert_eq!(summary.reservations, values.len() as u64);
+}
