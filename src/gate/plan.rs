@@ -4,7 +4,7 @@
 //! make it acceptable. Then builds the exact-aggregate plan that DataFusion will run.
 
 use arrow::datatypes::DataType;
-use datafusion::common::DFSchema;
+use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit,
@@ -175,6 +175,67 @@ impl MeasureSpec {
                 array_agg(cast(expr.clone(), DataType::Float64)).alias(name)
             }
         })
+    }
+}
+
+/// The public keys of a group expression that is a CASE with only literal outcomes (integers
+/// or text; no ELSE adds no key: a null key is dropped), in the order written — directly, or
+/// as the column a projection under the aggregate defines so.
+fn literal_outcomes(e: &Expr, input: &LogicalPlan) -> Option<Vec<KeyValue>> {
+    let e = match e {
+        Expr::Column(c) => defining_expr(input, c)?,
+        other => other.clone(),
+    };
+    let Expr::Case(case) = unalias(&e) else {
+        return None;
+    };
+    let outcomes = case
+        .when_then_expr
+        .iter()
+        .map(|(_, then)| then.as_ref())
+        .chain(case.else_expr.as_deref());
+    let mut keys: Vec<KeyValue> = Vec::new();
+    for outcome in outcomes {
+        let Expr::Literal(v, _) = unalias(outcome) else {
+            return None;
+        };
+        let key = match v {
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::Utf8View(Some(s))
+            | ScalarValue::LargeUtf8(Some(s)) => KeyValue::Text(s.clone()),
+            v if v.data_type().is_integer() => match v.cast_to(&DataType::Int64).ok()? {
+                ScalarValue::Int64(Some(i)) => KeyValue::Int(i),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    (!keys.is_empty()).then_some(keys)
+}
+
+/// The expression a projection in `plan` (through filters and aliases of subqueries) gives
+/// column `c`.
+fn defining_expr(plan: &LogicalPlan, c: &Column) -> Option<Expr> {
+    match plan {
+        LogicalPlan::Projection(p) => {
+            let i = p.schema.index_of_column(c).ok()?;
+            let e = unalias(&p.expr[i]);
+            match e {
+                Expr::Column(inner) => defining_expr(&p.input, inner),
+                other => Some(other.clone()),
+            }
+        }
+        LogicalPlan::Filter(f) => defining_expr(&f.input, c),
+        LogicalPlan::SubqueryAlias(s) => {
+            let i = s.schema.index_of_column(c).ok()?;
+            let (_, field) = s.input.schema().qualified_field(i);
+            let (qualifier, _) = s.input.schema().qualified_field(i);
+            defining_expr(&s.input, &Column::new(qualifier.cloned(), field.name()))
+        }
+        _ => None,
     }
 }
 
@@ -358,10 +419,23 @@ pub fn analyse(
 
     let mut groups = Vec::new();
     for g in group_expr {
+        // A CASE whose every outcome is a literal (bins of a numeric column, say) has those
+        // literals as its public keys, whether grouped on directly or through a subquery.
+        if let Some(keys) = literal_outcomes(unalias(g), input) {
+            check_expr(unalias(g), input.schema())?;
+            groups.push(GroupSpec {
+                column: g.schema_name().to_string(),
+                keys: Some(keys),
+                expr: g.clone(),
+            });
+            continue;
+        }
         let Expr::Column(c) = unalias(g) else {
             return Err(refuse(
                 "key_not_public",
-                format!("GROUP BY {g} is not a column; group by columns with public keys"),
+                format!(
+                    "GROUP BY {g} is not a column; group by columns with public keys, or by a CASE whose every outcome is a literal (its keys)"
+                ),
             ));
         };
         let keys = policy
@@ -815,7 +889,7 @@ fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
         refuse(
             "expression_not_allowed",
             format!(
-                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals), widening casts, float arithmetic and the module's own UDFs may appear before aggregation"
+                "{e}: only columns, literals, comparisons, AND/OR/NOT, IS [NOT] NULL, BETWEEN, IN (literals), CASE, widening casts, float arithmetic and the module's own UDFs may appear before aggregation"
             ),
         )
     };
@@ -867,6 +941,19 @@ fn check_expr(e: &Expr, schema: &DFSchema) -> Result<(), GateError> {
             }
         }
         Expr::TryCast(c) => check_expr(&c.expr, schema),
+        // CASE picks among expressions that each cannot fail, so it cannot either.
+        Expr::Case(c) => {
+            if let Some(base) = &c.expr {
+                check_expr(base, schema)?;
+            }
+            for (when, then) in &c.when_then_expr {
+                check_expr(when, schema)?;
+                check_expr(then, schema)?;
+            }
+            c.else_expr
+                .as_ref()
+                .map_or(Ok(()), |e| check_expr(e, schema))
+        }
         // A guest UDF cannot fail on a row (a failing row gets its declared default).
         Expr::ScalarFunction(f) if guest_udf(e).is_some() => {
             f.args.iter().try_for_each(|a| check_expr(a, schema))
