@@ -523,6 +523,24 @@ pub fn analyse(
             ));
         }
         let arg = p.args.first();
+        // The numeric column a SUM, AVG, VAR, STDDEV or quantile takes, with its bounds.
+        let bounded_column = |x: &Expr| -> Result<(String, [f64; 2]), GateError> {
+            check_expr(x, schema)?;
+            let column = column_of(x).ok_or_else(|| {
+                refuse(
+                    "unsupported_aggregate",
+                    format!("{e}: SUM, AVG, VAR, STDDEV, MEDIAN and PERCENTILE_CONT take a column; compute other expressions from released values"),
+                )
+            })?;
+            if !x.get_type(schema).map(|t| t.is_numeric()).unwrap_or(false) {
+                return Err(refuse(
+                    "unsupported_aggregate",
+                    format!("{e}: {column:?} is not numeric"),
+                ));
+            }
+            let bounds = bounds_of(&column, e)?;
+            Ok((column, bounds))
+        };
         // DataFusion 55's SQL planner still gives `COUNT(*)` a wildcard argument (deprecated
         // for plans built by hand), so it is matched here as a row count.
         #[allow(deprecated)]
@@ -567,20 +585,7 @@ pub fn analyse(
                         ),
                     ));
                 };
-                check_expr(x, schema)?;
-                let column = column_of(x).ok_or_else(|| {
-                    refuse(
-                        "unsupported_aggregate",
-                        format!("{e}: MEDIAN and PERCENTILE_CONT take a column"),
-                    )
-                })?;
-                if !x.get_type(schema).map(|t| t.is_numeric()).unwrap_or(false) {
-                    return Err(refuse(
-                        "unsupported_aggregate",
-                        format!("{e}: {column:?} is not numeric"),
-                    ));
-                }
-                let [lo, hi] = bounds_of(&column, e)?;
+                let (column, [lo, hi]) = bounded_column(x)?;
                 (
                     add(MeasureSpec::Quantile {
                         expr: x.clone(),
@@ -594,17 +599,7 @@ pub fn analyse(
                 )
             }
             ("sum" | "avg" | "var" | "var_pop" | "stddev" | "stddev_pop", Some(x)) => {
-                check_expr(x, schema)?;
-                let column = column_of(x).ok_or_else(|| {
-                    refuse("unsupported_aggregate", format!("{e}: SUM, AVG, VAR and STDDEV take a column; compute other expressions from released values"))
-                })?;
-                if !x.get_type(schema).map(|t| t.is_numeric()).unwrap_or(false) {
-                    return Err(refuse(
-                        "unsupported_aggregate",
-                        format!("{e}: {column:?} is not numeric"),
-                    ));
-                }
-                let [lo, hi] = bounds_of(&column, e)?;
+                let (column, [lo, hi]) = bounded_column(x)?;
                 let (shift, kind) = match name.as_str() {
                     "sum" => (0.0, ColumnKind::Sum),
                     "avg" => ((lo + hi) / 2.0, ColumnKind::Mean),

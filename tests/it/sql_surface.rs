@@ -87,18 +87,7 @@ async fn guest_sql_outside_the_scenario_or_the_gate_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn means_and_two_key_groupings_release_every_public_key() {
-    let s = Server::start().await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
-    let scenario = s
-        .approved_scenario(&module, &["district", "hour", "fare"], 5.0, 5.0)
-        .await;
-    let (answers, _) = s
-        .ask(
-            &scenario,
-            &module,
-            json!([{"sql": "SELECT district, hour, AVG(fare) AS mean_fare FROM trips GROUP BY district, hour", "epsilon": 1.0, "bounds": {"fare": [0, 100]}}]),
-        )
-        .await;
+    let (_server, answers) = ask_runner(5.0, json!([{"sql": "SELECT district, hour, AVG(fare) AS mean_fare FROM trips GROUP BY district, hour", "epsilon": 1.0, "bounds": {"fare": [0, 100]}}])).await;
     let release = &answers[0]["release"];
     let rows = release["rows"]
         .as_array()
@@ -121,6 +110,18 @@ async fn means_and_two_key_groupings_release_every_public_key() {
 }
 
 /// Exact population variance of fare clamped to [0, 100], and trips, per district.
+/// A server with the query runner in a scenario over district, hour and fare (ε `cap` for
+/// the scenario and per job), asked `queries` in one job: the server and the answers.
+async fn ask_runner(cap: f64, queries: serde_json::Value) -> (Server, serde_json::Value) {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_scenario(&module, &["district", "hour", "fare"], cap, cap)
+        .await;
+    let (answers, _) = s.ask(&scenario, &module, queries).await;
+    (s, answers)
+}
+
 /// Each district's fares, clamped to [0, 100].
 fn clamped_fares(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f64>> {
     use arrow::array::{AsArray, Float64Array};
@@ -163,21 +164,10 @@ fn exact_spread(path: &std::path::Path) -> std::collections::HashMap<String, (f6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn variances_deviations_and_distinct_counts_are_released_with_their_noise() {
-    let s = Server::start().await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
-    let scenario = s
-        .approved_scenario(&module, &["district", "hour", "fare"], 15.0, 15.0)
-        .await;
-    let (answers, _) = s
-        .ask(
-            &scenario,
-            &module,
-            json!([
+    let (s, answers) = ask_runner(15.0, json!([
                 {"sql": "SELECT district, VAR_POP(fare) AS v, STDDEV(fare) AS sd, AVG(fare) AS m FROM trips GROUP BY district", "epsilon": 12.0, "bounds": {"fare": [0, 100]}},
                 {"sql": "SELECT district, COUNT(DISTINCT hour) AS hours FROM trips GROUP BY district", "epsilon": 2.0},
-            ]),
-        )
-        .await;
+            ])).await;
     let release = &answers[0]["release"];
     let rows = release["rows"]
         .as_array()
@@ -222,24 +212,13 @@ async fn variances_deviations_and_distinct_counts_are_released_with_their_noise(
 /// with a reason when q is not a literal fraction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn medians_and_percentiles_are_released_by_the_private_quantile() {
-    let s = Server::start().await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
-    let scenario = s
-        .approved_scenario(&module, &["district", "hour", "fare"], 15.0, 15.0)
-        .await;
     let bounds = json!({"fare": [0, 100]});
-    let (answers, _) = s
-        .ask(
-            &scenario,
-            &module,
-            json!([
+    let (s, answers) = ask_runner(15.0, json!([
                 {"sql": "SELECT district, MEDIAN(fare) AS m, PERCENTILE_CONT(fare, 0.9) AS p90 FROM trips GROUP BY district", "epsilon": 9.0, "bounds": bounds},
                 {"sql": "SELECT district, PERCENTILE_CONT(0.25) WITHIN GROUP (ORDER BY fare) AS p25 FROM trips GROUP BY district", "epsilon": 4.0, "bounds": bounds},
                 {"sql": "SELECT district, PERCENTILE_CONT(fare, hour) AS p FROM trips GROUP BY district", "epsilon": 1.0, "bounds": bounds},
                 {"sql": "SELECT district, PERCENTILE_CONT(fare, 1.5) AS p FROM trips GROUP BY district", "epsilon": 1.0, "bounds": bounds},
-            ]),
-        )
-        .await;
+            ])).await;
     let fares = clamped_fares(&s.data_path());
     // The values within `r` ranks of the q quantile (nearest rank), widened by one candidate
     // step: every candidate between two neighbouring values scores alike, so the release may
@@ -306,22 +285,11 @@ async fn medians_and_percentiles_are_released_by_the_private_quantile() {
 /// with noisy counts; a CASE with a computed outcome has no public keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case_bins_are_public_keys_and_every_bin_is_released() {
-    let s = Server::start().await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
-    let scenario = s
-        .approved_scenario(&module, &["district", "hour", "fare"], 15.0, 15.0)
-        .await;
-    let (answers, _) = s
-        .ask(
-            &scenario,
-            &module,
-            json!([
+    let (s, answers) = ask_runner(15.0, json!([
                 {"sql": "SELECT CASE WHEN fare < 0 THEN 'negative' WHEN fare < 10 THEN 'under 10' WHEN fare < 30 THEN '10 to 30' WHEN fare < 100 THEN '30 to 100' ELSE '100 or more' END AS bin, COUNT(*) AS n FROM trips GROUP BY bin", "epsilon": 2.0},
                 {"sql": "SELECT b, COUNT(*) AS n FROM (SELECT CASE WHEN fare < 20 THEN 0 WHEN fare < 40 THEN 1 ELSE 2 END AS b FROM trips WHERE hour < 12) GROUP BY b", "epsilon": 2.0},
                 {"sql": "SELECT CASE WHEN fare < 10 THEN district ELSE 'other' END AS d, COUNT(*) AS n FROM trips GROUP BY d", "epsilon": 1.0},
-            ]),
-        )
-        .await;
+            ])).await;
     let fares: Vec<f64> = clamped_fares(&s.data_path())
         .into_values()
         .flatten()
