@@ -88,33 +88,25 @@ pub(super) fn calibrate_over(
         )
     };
     // OpenDP's map for an unsized input: ε = 2·d·max(q, 1 − q) / scale (q rounded to a
-    // fraction). Start there, then let the map itself decide.
+    // fraction). Start there; should the map itself say more (rounding), widen to fit.
     let mut scale = (2.0 * f64::from(rows) * q.max(1.0 - q) / epsilon).max(f64::MIN_POSITIVE);
-    let mut best: Option<QuantileMechanism> = None;
-    for _ in 0..32 {
+    for _ in 0..16 {
         let m = build(scale)?;
         let spent = m.map(&rows)?;
         if spent <= epsilon {
-            let found = QuantileMechanism {
+            return Ok(QuantileMechanism {
                 measurement: m,
                 scale,
                 epsilon: spent,
                 lo,
                 hi,
-            };
-            if spent >= epsilon * (1.0 - 1e-9) {
-                return Ok(found);
-            }
-            best = Some(found);
-            scale *= spent / epsilon;
-        } else {
-            if best.is_some() {
-                break;
-            }
-            scale *= (spent / epsilon) * (1.0 + 1e-12);
+            });
         }
+        scale *= (spent / epsilon) * (1.0 + 1e-12);
     }
-    best.ok_or_else(|| GateError::Mechanism("the quantile's noise could not be calibrated".into()))
+    Err(GateError::Mechanism(
+        "the quantile's noise could not be calibrated".into(),
+    ))
 }
 
 impl QuantileMechanism {
