@@ -75,6 +75,7 @@ impl Column {
     }
 
     /// Whether row `i` holds a value.
+    #[inline]
     pub fn is_valid(&self, i: usize) -> bool {
         self.valid.as_ref().is_none_or(|v| v[i])
     }
@@ -184,8 +185,136 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a frame: its row count and columns.
-pub fn decode(bytes: &[u8]) -> Result<(usize, Vec<Column>), FrameError> {
+/// A frame's column as it lies in the frame's bytes: read in place, nothing copied. Lengths
+/// were checked by [`view`], so the accessors only index within them.
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnView<'a> {
+    pub ty: UdfType,
+    rows: usize,
+    /// One byte per row, non-zero where a value is present; `None`: no nulls.
+    valid: Option<&'a [u8]>,
+    /// Float64/Int64: 8 bytes a row; Boolean: 1; Utf8: `u32` offsets × (rows + 1).
+    data: &'a [u8],
+    /// Utf8 only: the text the offsets point into (checked UTF-8, offsets on char boundaries).
+    text: &'a str,
+}
+
+impl<'a> ColumnView<'a> {
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    pub fn has_nulls(&self) -> bool {
+        self.valid.is_some()
+    }
+
+    /// Whether row `i` holds a value.
+    pub fn is_valid(&self, i: usize) -> bool {
+        self.valid.is_none_or(|v| v[i] != 0)
+    }
+
+    #[inline]
+    fn word(&self, i: usize) -> [u8; 8] {
+        self.data[i * 8..i * 8 + 8].try_into().expect("8 bytes")
+    }
+
+    /// Row `i` of a Float64 column whose type and validity the caller checked.
+    #[inline]
+    pub fn f64_at(&self, i: usize) -> f64 {
+        f64::from_le_bytes(self.word(i))
+    }
+
+    /// Row `i` of an Int64 column whose type and validity the caller checked.
+    #[inline]
+    pub fn i64_at(&self, i: usize) -> i64 {
+        i64::from_le_bytes(self.word(i))
+    }
+
+    /// Row `i` of a Boolean column whose type and validity the caller checked.
+    #[inline]
+    pub fn bool_at(&self, i: usize) -> bool {
+        self.data[i] != 0
+    }
+
+    /// Row `i` of a Float64 column (`None` for a null or another type).
+    #[inline]
+    pub fn f64(&self, i: usize) -> Option<f64> {
+        (self.ty == UdfType::Float64 && self.is_valid(i)).then(|| f64::from_le_bytes(self.word(i)))
+    }
+
+    /// Row `i` of an Int64 column.
+    #[inline]
+    pub fn i64(&self, i: usize) -> Option<i64> {
+        (self.ty == UdfType::Int64 && self.is_valid(i)).then(|| i64::from_le_bytes(self.word(i)))
+    }
+
+    /// Row `i` of a Boolean column.
+    #[inline]
+    pub fn bool(&self, i: usize) -> Option<bool> {
+        (self.ty == UdfType::Boolean && self.is_valid(i)).then(|| self.data[i] != 0)
+    }
+
+    /// Row `i` of a Utf8 column.
+    pub fn str(&self, i: usize) -> Option<&'a str> {
+        if self.ty != UdfType::Utf8 || !self.is_valid(i) {
+            return None;
+        }
+        let at = |k: usize| {
+            u32::from_le_bytes(self.data[k * 4..k * 4 + 4].try_into().expect("4 bytes")) as usize
+        };
+        self.text.get(at(i)..at(i + 1))
+    }
+
+    /// Float64/Int64 values as they lie: little-endian, 8 bytes a row (null rows included).
+    pub fn fixed_bytes(&self) -> &'a [u8] {
+        match self.ty {
+            UdfType::Float64 | UdfType::Int64 => self.data,
+            _ => &[],
+        }
+    }
+
+    /// The validity bytes, if the column has nulls.
+    pub fn valid_bytes(&self) -> Option<&'a [u8]> {
+        self.valid
+    }
+
+    /// The column copied out (null rows hold a placeholder).
+    pub fn to_column(&self) -> Column {
+        let n = self.rows;
+        let data = match self.ty {
+            UdfType::Float64 => {
+                Data::Float64((0..n).map(|i| f64::from_le_bytes(self.word(i))).collect())
+            }
+            UdfType::Int64 => {
+                Data::Int64((0..n).map(|i| i64::from_le_bytes(self.word(i))).collect())
+            }
+            UdfType::Boolean => Data::Boolean(self.data.iter().map(|&b| b != 0).collect()),
+            UdfType::Utf8 => Data::Utf8(
+                (0..n)
+                    .map(|i| {
+                        let at = |k: usize| {
+                            u32::from_le_bytes(self.data[k * 4..k * 4 + 4].try_into().expect("4"))
+                                as usize
+                        };
+                        self.text.get(at(i)..at(i + 1)).unwrap_or("").to_owned()
+                    })
+                    .collect(),
+            ),
+        };
+        Column {
+            data,
+            valid: self.valid.map(|v| v.iter().map(|&b| b != 0).collect()),
+        }
+    }
+}
+
+/// Reads a frame in place: its row count and a view of each column. Every length is checked
+/// against the bytes present, string offsets for order and UTF-8 boundaries.
+pub fn view(bytes: &[u8]) -> Result<(usize, Vec<ColumnView<'_>>), FrameError> {
     let mut r = Reader { bytes, at: 0 };
     let rows = r.u32()? as usize;
     let n_columns = r.u32()? as usize;
@@ -198,53 +327,166 @@ pub fn decode(bytes: &[u8]) -> Result<(usize, Vec<Column>), FrameError> {
         let ty = tag_type(r.u8()?).ok_or(FrameError("unknown column type"))?;
         let valid = match r.u8()? {
             0 => None,
-            1 => Some(r.take(rows)?.iter().map(|&b| b != 0).collect()),
+            1 => Some(r.take(rows)?),
             _ => return Err(FrameError("bad null flag")),
         };
         let width = |w: usize| rows.checked_mul(w).ok_or(FrameError("length overflow"));
-        let data = match ty {
-            UdfType::Float64 => Data::Float64(
-                r.take(width(8)?)?
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-            ),
-            UdfType::Int64 => Data::Int64(
-                r.take(width(8)?)?
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-            ),
-            UdfType::Boolean => Data::Boolean(r.take(rows)?.iter().map(|&b| b != 0).collect()),
+        let (data, text) = match ty {
+            UdfType::Float64 | UdfType::Int64 => (r.take(width(8)?)?, ""),
+            UdfType::Boolean => (r.take(rows)?, ""),
             UdfType::Utf8 => {
-                let offsets: Vec<usize> = r
-                    .take(
-                        width(4)?
-                            .checked_add(4)
-                            .ok_or(FrameError("length overflow"))?,
-                    )?
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
-                    .collect();
-                if offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
+                let offsets = r.take(
+                    width(4)?
+                        .checked_add(4)
+                        .ok_or(FrameError("length overflow"))?,
+                )?;
+                let at = |k: usize| {
+                    u32::from_le_bytes(offsets[k * 4..k * 4 + 4].try_into().expect("4 bytes"))
+                        as usize
+                };
+                if at(0) != 0 || (0..rows).any(|k| at(k) > at(k + 1)) {
                     return Err(FrameError("string offsets out of order"));
                 }
-                let text = r.take(offsets[rows])?;
-                let mut v = Vec::with_capacity(rows);
-                for w in offsets.windows(2) {
-                    let s = std::str::from_utf8(&text[w[0]..w[1]])
-                        .map_err(|_| FrameError("a string is not UTF-8"))?;
-                    v.push(s.to_owned());
+                let text = std::str::from_utf8(r.take(at(rows))?)
+                    .map_err(|_| FrameError("a string is not UTF-8"))?;
+                if !(0..rows).all(|k| text.is_char_boundary(at(k))) {
+                    return Err(FrameError("a string is not UTF-8"));
                 }
-                Data::Utf8(v)
+                (offsets, text)
             }
         };
-        columns.push(Column { data, valid });
+        columns.push(ColumnView {
+            ty,
+            rows,
+            valid,
+            data,
+            text,
+        });
     }
     if r.at != bytes.len() {
         return Err(FrameError("trailing bytes"));
     }
     Ok((rows, columns))
+}
+
+/// Decodes a frame into owned columns: its row count and columns.
+pub fn decode(bytes: &[u8]) -> Result<(usize, Vec<Column>), FrameError> {
+    let (rows, columns) = view(bytes)?;
+    Ok((rows, columns.iter().map(ColumnView::to_column).collect()))
+}
+
+/// Builds a one-column frame row by row, straight into the bytes it will be sent as.
+///
+/// The buffer starts with `lead` bytes the caller may fill (the guest's length prefix). A
+/// column with no nulls — the usual case — is finished in place; one with nulls is copied once
+/// to put its validity bytes before its values.
+pub struct ColumnBuilder {
+    ty: UdfType,
+    lead: usize,
+    /// `lead` bytes, the header and the column's tag and null flag, then the values
+    /// (Utf8: the offsets).
+    bytes: Vec<u8>,
+    /// Utf8 only.
+    text: Vec<u8>,
+    /// Started at the first null.
+    valid: Option<Vec<u8>>,
+    rows: usize,
+}
+
+/// Header (8) + type tag + null flag.
+const COLUMN_HEAD: usize = 10;
+
+impl ColumnBuilder {
+    pub fn new(ty: UdfType, capacity: usize, lead: usize) -> Self {
+        let width = match ty {
+            UdfType::Float64 | UdfType::Int64 => 8,
+            UdfType::Boolean => 1,
+            UdfType::Utf8 => 4,
+        };
+        let mut bytes = Vec::with_capacity(lead + COLUMN_HEAD + 4 + capacity * width);
+        bytes.resize(lead + COLUMN_HEAD, 0);
+        if ty == UdfType::Utf8 {
+            bytes.extend_from_slice(&0u32.to_le_bytes());
+        }
+        ColumnBuilder {
+            ty,
+            lead,
+            bytes,
+            text: Vec::new(),
+            valid: None,
+            rows: 0,
+        }
+    }
+
+    #[inline]
+    fn pushed(&mut self, present: bool) {
+        if let Some(valid) = &mut self.valid {
+            valid.push(present as u8);
+        } else if !present {
+            let mut valid = vec![1u8; self.rows];
+            valid.push(0);
+            self.valid = Some(valid);
+        }
+        self.rows += 1;
+    }
+
+    #[inline]
+    pub fn push_f64(&mut self, x: f64) {
+        self.bytes.extend_from_slice(&x.to_le_bytes());
+        self.pushed(true);
+    }
+
+    #[inline]
+    pub fn push_i64(&mut self, x: i64) {
+        self.bytes.extend_from_slice(&x.to_le_bytes());
+        self.pushed(true);
+    }
+
+    #[inline]
+    pub fn push_bool(&mut self, x: bool) {
+        self.bytes.push(x as u8);
+        self.pushed(true);
+    }
+
+    pub fn push_str(&mut self, s: &str) {
+        self.text.extend_from_slice(s.as_bytes());
+        self.bytes
+            .extend_from_slice(&(self.text.len() as u32).to_le_bytes());
+        self.pushed(true);
+    }
+
+    /// A null: a placeholder value and a cleared validity byte.
+    pub fn push_null(&mut self) {
+        match self.ty {
+            UdfType::Float64 | UdfType::Int64 => self.bytes.extend_from_slice(&[0; 8]),
+            UdfType::Boolean => self.bytes.push(0),
+            UdfType::Utf8 => self
+                .bytes
+                .extend_from_slice(&(self.text.len() as u32).to_le_bytes()),
+        }
+        self.pushed(false);
+    }
+
+    /// The frame, after `lead` zero bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        let head = self.lead;
+        self.bytes[head..head + 4].copy_from_slice(&(self.rows as u32).to_le_bytes());
+        self.bytes[head + 4..head + 8].copy_from_slice(&1u32.to_le_bytes());
+        self.bytes[head + 8] = type_tag(self.ty);
+        self.bytes.extend_from_slice(&self.text);
+        match self.valid {
+            None => self.bytes,
+            Some(valid) => {
+                self.bytes[head + 9] = 1;
+                let at = head + COLUMN_HEAD;
+                let mut out = Vec::with_capacity(self.bytes.len() + valid.len());
+                out.extend_from_slice(&self.bytes[..at]);
+                out.extend_from_slice(&valid);
+                out.extend_from_slice(&self.bytes[at..]);
+                out
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +515,76 @@ mod tests {
         ];
         let bytes = encode(&columns);
         assert_eq!(decode(&bytes), Ok((3, columns)));
+    }
+
+    #[test]
+    fn built_frames_equal_encoded_ones_and_views_read_them_in_place() {
+        let columns = [
+            Column {
+                data: Data::Float64(vec![1.5, 0.0, -2.0, 7.0]),
+                valid: None,
+            },
+            Column {
+                data: Data::Float64(vec![0.0, 2.5, 0.0, 1.0]),
+                valid: Some(vec![false, true, false, true]),
+            },
+            Column {
+                data: Data::Int64(vec![i64::MIN, 0, 3, 0]),
+                valid: Some(vec![true, true, true, false]),
+            },
+            Column {
+                data: Data::Boolean(vec![true, false, false, true]),
+                valid: None,
+            },
+            Column {
+                data: Data::Utf8(vec!["街道".into(), String::new(), "x".into(), "".into()]),
+                valid: Some(vec![true, true, true, false]),
+            },
+        ];
+        for column in &columns {
+            let mut b = ColumnBuilder::new(column.data.udf_type(), 2, 3);
+            for i in 0..column.len() {
+                if !column.is_valid(i) {
+                    b.push_null();
+                    continue;
+                }
+                match &column.data {
+                    Data::Float64(v) => b.push_f64(v[i]),
+                    Data::Int64(v) => b.push_i64(v[i]),
+                    Data::Boolean(v) => b.push_bool(v[i]),
+                    Data::Utf8(v) => b.push_str(&v[i]),
+                }
+            }
+            let built = b.finish();
+            let expected = encode(std::slice::from_ref(column));
+            assert_eq!(&built[..3], &[0, 0, 0]);
+            assert_eq!(&built[3..], expected.as_slice(), "{column:?}");
+            let (rows, views) = view(&built[3..]).unwrap();
+            assert_eq!(rows, 4);
+            let v = views[0];
+            assert_eq!(v.to_column(), *column);
+            for i in 0..rows {
+                assert_eq!(v.is_valid(i), column.is_valid(i));
+                let present = column.is_valid(i);
+                match &column.data {
+                    Data::Float64(x) => assert_eq!(v.f64(i), present.then_some(x[i])),
+                    Data::Int64(x) => assert_eq!(v.i64(i), present.then_some(x[i])),
+                    Data::Boolean(x) => assert_eq!(v.bool(i), present.then_some(x[i])),
+                    Data::Utf8(x) => assert_eq!(v.str(i), present.then_some(x[i].as_str())),
+                }
+                // Another type's accessor reads nothing.
+                if column.data.udf_type() != UdfType::Int64 {
+                    assert_eq!(v.i64(i), None);
+                }
+            }
+        }
+        // A string offset inside a character is refused, not sliced.
+        let mut split = encode(&[Column {
+            data: Data::Utf8(vec!["街".into(), "".into()]),
+            valid: None,
+        }]);
+        split[14] = 1; // offsets 0, 1, 3: the first string ends mid-character
+        assert!(view(&split).is_err());
     }
 
     #[test]

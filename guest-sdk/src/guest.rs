@@ -94,21 +94,21 @@ thread_local! {
     static LAST_FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Takes the frame the host wrote at `ptr` (a buffer from `unseen_alloc`), runs `f` over it and
-/// answers the address of `u32` length + result frame, or -1.
+/// Takes the frame the host wrote at `ptr` (a buffer from `unseen_alloc`), runs `f` over it
+/// (`f` leaves 4 bytes before its answer frame) and answers the address of `u32` length +
+/// answer frame, or -1.
 #[doc(hidden)]
 pub fn __frame_call(
     ptr: i32,
     len: i32,
-    f: fn(&[u8]) -> Result<Vec<u8>, crate::frame::FrameError>,
+    f: fn(&[u8], usize) -> Result<Vec<u8>, crate::frame::FrameError>,
 ) -> i32 {
     // SAFETY: the host filled a buffer it obtained from `unseen_alloc(len)`.
     let input = unsafe { Vec::from_raw_parts(ptr as *mut u8, len as usize, len as usize) };
-    let Ok(frame) = f(&input) else { return -1 };
+    let Ok(mut out) = f(&input, 4) else { return -1 };
     drop(input);
-    let mut out = Vec::with_capacity(4 + frame.len());
-    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-    out.extend_from_slice(&frame);
+    let n = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&n.to_le_bytes());
     LAST_FRAME.with(|last| {
         let mut last = last.borrow_mut();
         *last = out;

@@ -4,7 +4,7 @@
 //! exact frame-in, frame-out path the host uses, so authors can test it natively.
 
 use crate::contract::{UdfSignature, UdfType, Value};
-use crate::frame::{self, Column, Data};
+use crate::frame::{self, Column, ColumnBuilder, ColumnView, Data};
 
 /// A type a UDF may take. `Option<T>` sees nulls; a plain type makes a null row's result null
 /// without calling the function.
@@ -15,7 +15,10 @@ pub trait UdfArg: Sized {
     const ROW: bool;
     type Wasm;
     /// `None`: the row's result is null (a null for a plain type).
-    fn get(column: &Column, row: usize) -> Option<Self>;
+    fn get(column: &ColumnView<'_>, row: usize) -> Option<Self>;
+    /// Row `row` of a column already found to be of this type with no nulls (the fast path
+    /// taken when every argument is such a column).
+    fn at(column: &ColumnView<'_>, row: usize) -> Self;
     fn from_wasm(w: Self::Wasm) -> Self;
 }
 
@@ -24,68 +27,25 @@ pub trait UdfResult: Sized {
     const TYPE: UdfType;
     const ROW: bool;
     type Wasm;
-    fn push(self, out: &mut Builder);
+    fn push(self, out: &mut ColumnBuilder);
     fn to_value(self) -> Value;
     fn to_wasm(self) -> Self::Wasm;
 }
 
-/// Collects a UDF's results for one frame column.
-pub struct Builder {
-    data: Data,
-    valid: Vec<bool>,
-    nulls: bool,
-}
-
-impl Builder {
-    pub fn new(ty: UdfType, rows: usize) -> Self {
-        let data = match ty {
-            UdfType::Float64 => Data::Float64(Vec::with_capacity(rows)),
-            UdfType::Int64 => Data::Int64(Vec::with_capacity(rows)),
-            UdfType::Boolean => Data::Boolean(Vec::with_capacity(rows)),
-            UdfType::Utf8 => Data::Utf8(Vec::with_capacity(rows)),
-        };
-        Builder {
-            data,
-            valid: Vec::with_capacity(rows),
-            nulls: false,
-        }
-    }
-
-    pub fn push_null(&mut self) {
-        match &mut self.data {
-            Data::Float64(v) => v.push(0.0),
-            Data::Int64(v) => v.push(0),
-            Data::Boolean(v) => v.push(false),
-            Data::Utf8(v) => v.push(String::new()),
-        }
-        self.valid.push(false);
-        self.nulls = true;
-    }
-
-    fn push_valid(&mut self) {
-        self.valid.push(true);
-    }
-
-    pub fn finish(self) -> Column {
-        Column {
-            data: self.data,
-            valid: self.nulls.then_some(self.valid),
-        }
-    }
-}
-
 macro_rules! plain {
-    ($t:ty, $variant:ident, $udf:ident, $wasm:ty, $from:expr, $to:expr, $value:expr) => {
+    ($t:ty, $udf:ident, $read:ident, $at:ident, $push:ident, $wasm:ty, $from:expr, $to:expr, $value:expr) => {
         impl UdfArg for $t {
             const TYPE: UdfType = UdfType::$udf;
             const NULLABLE: bool = false;
             const ROW: bool = true;
             type Wasm = $wasm;
-            fn get(column: &Column, row: usize) -> Option<Self> {
-                match &column.data {
-                    Data::$variant(v) if column.is_valid(row) => v.get(row).copied(),
-                    _ => None,
-                }
+            #[inline]
+            fn get(column: &ColumnView<'_>, row: usize) -> Option<Self> {
+                column.$read(row)
+            }
+            #[inline]
+            fn at(column: &ColumnView<'_>, row: usize) -> Self {
+                column.$at(row)
             }
             fn from_wasm(w: $wasm) -> Self {
                 $from(w)
@@ -95,13 +55,9 @@ macro_rules! plain {
             const TYPE: UdfType = UdfType::$udf;
             const ROW: bool = true;
             type Wasm = $wasm;
-            fn push(self, out: &mut Builder) {
-                if let Data::$variant(v) = &mut out.data {
-                    v.push(self);
-                    out.push_valid();
-                } else {
-                    out.push_null();
-                }
+            #[inline]
+            fn push(self, out: &mut ColumnBuilder) {
+                out.$push(self);
             }
             fn to_value(self) -> Value {
                 $value(self)
@@ -113,12 +69,34 @@ macro_rules! plain {
     };
 }
 
-plain!(f64, Float64, Float64, f64, |w| w, |x| x, Value::Float);
-plain!(i64, Int64, Int64, i64, |w| w, |x| x, Value::Int);
+plain!(
+    f64,
+    Float64,
+    f64,
+    f64_at,
+    push_f64,
+    f64,
+    |w| w,
+    |x| x,
+    Value::Float
+);
+plain!(
+    i64,
+    Int64,
+    i64,
+    i64_at,
+    push_i64,
+    i64,
+    |w| w,
+    |x| x,
+    Value::Int
+);
 plain!(
     bool,
     Boolean,
-    Boolean,
+    bool,
+    bool_at,
+    push_bool,
     i32,
     |w| w != 0,
     |x| x as i32,
@@ -130,11 +108,11 @@ impl UdfArg for String {
     const NULLABLE: bool = false;
     const ROW: bool = false;
     type Wasm = i32;
-    fn get(column: &Column, row: usize) -> Option<Self> {
-        match &column.data {
-            Data::Utf8(v) if column.is_valid(row) => v.get(row).cloned(),
-            _ => None,
-        }
+    fn get(column: &ColumnView<'_>, row: usize) -> Option<Self> {
+        column.str(row).map(str::to_owned)
+    }
+    fn at(column: &ColumnView<'_>, row: usize) -> Self {
+        column.str(row).unwrap_or_default().to_owned()
     }
     fn from_wasm(_: i32) -> Self {
         String::new()
@@ -145,13 +123,8 @@ impl UdfResult for String {
     const TYPE: UdfType = UdfType::Utf8;
     const ROW: bool = false;
     type Wasm = i32;
-    fn push(self, out: &mut Builder) {
-        if let Data::Utf8(v) = &mut out.data {
-            v.push(self);
-            out.push_valid();
-        } else {
-            out.push_null();
-        }
+    fn push(self, out: &mut ColumnBuilder) {
+        out.push_str(&self);
     }
     fn to_value(self) -> Value {
         Value::Text(self)
@@ -166,8 +139,11 @@ impl<T: UdfArg> UdfArg for Option<T> {
     const NULLABLE: bool = true;
     const ROW: bool = false;
     type Wasm = i32;
-    fn get(column: &Column, row: usize) -> Option<Self> {
+    fn get(column: &ColumnView<'_>, row: usize) -> Option<Self> {
         Some(T::get(column, row))
+    }
+    fn at(column: &ColumnView<'_>, row: usize) -> Self {
+        T::get(column, row)
     }
     fn from_wasm(_: i32) -> Self {
         None
@@ -178,7 +154,7 @@ impl<T: UdfResult> UdfResult for Option<T> {
     const TYPE: UdfType = T::TYPE;
     const ROW: bool = false;
     type Wasm = i32;
-    fn push(self, out: &mut Builder) {
+    fn push(self, out: &mut ColumnBuilder) {
         match self {
             Some(v) => v.push(out),
             None => out.push_null(),
@@ -203,25 +179,41 @@ pub fn signature<R: UdfResult>(args: &[(UdfType, bool, bool)], default: R) -> Ud
     }
 }
 
-/// Runs a UDF over a frame of argument columns: the frame of its results, or an error the host
-/// turns into each row's declared default.
+/// Runs a UDF over a frame of argument columns, reading them in place and writing the results
+/// straight into the answer frame (after `lead` bytes left for the caller): the answer, or an
+/// error the host turns into each row's declared default.
+///
+/// `args` are the declared argument types and whether each is a plain number or bool. When
+/// every column is plain, of its declared type and without nulls (the common case), rows go
+/// through `plain_row`, which reads values without checks; otherwise through `row`, which
+/// checks each value and answers `None` for a null result.
 pub fn call_frame<R: UdfResult>(
     bytes: &[u8],
-    arity: usize,
-    row: impl Fn(&[Column], usize) -> Option<R>,
+    args: &[(UdfType, bool)],
+    lead: usize,
+    row: impl Fn(&[ColumnView<'_>], usize) -> Option<R>,
+    plain_row: impl Fn(&[ColumnView<'_>], usize) -> R,
 ) -> Result<Vec<u8>, frame::FrameError> {
-    let (rows, columns) = frame::decode(bytes)?;
-    if columns.len() != arity {
+    let (rows, columns) = frame::view(bytes)?;
+    if columns.len() != args.len() {
         return Err(frame::FrameError("wrong number of argument columns"));
     }
-    let mut out = Builder::new(R::TYPE, rows);
-    for i in 0..rows {
-        match row(&columns, i) {
-            Some(v) => v.push(&mut out),
-            None => out.push_null(),
+    let mut out = ColumnBuilder::new(R::TYPE, rows, lead);
+    let plain = columns
+        .iter()
+        .zip(args)
+        .all(|(c, &(ty, plain))| plain && c.ty == ty && !c.has_nulls());
+    if plain {
+        (0..rows).for_each(|i| plain_row(&columns, i).push(&mut out));
+    } else {
+        for i in 0..rows {
+            match row(&columns, i) {
+                Some(v) => v.push(&mut out),
+                None => out.push_null(),
+            }
         }
     }
-    Ok(frame::encode(&[out.finish()]))
+    Ok(out.finish())
 }
 
 /// One block's rows for a sample-and-aggregate function, in the order the query selected
@@ -250,17 +242,18 @@ impl Rows {
     }
 }
 
-/// Runs a block function over a frame: the frame of its outputs (one `Float64` column).
+/// Runs a block function over a frame: the frame of its outputs (one `Float64` column), after
+/// `lead` bytes left for the caller.
 pub fn call_block(
     bytes: &[u8],
+    lead: usize,
     function: impl Fn(&Rows) -> Vec<f64>,
 ) -> Result<Vec<u8>, frame::FrameError> {
     let (len, columns) = frame::decode(bytes)?;
-    let out = function(&Rows { len, columns });
-    Ok(frame::encode(&[Column {
-        data: Data::Float64(out),
-        valid: None,
-    }]))
+    let values = function(&Rows { len, columns });
+    let mut out = ColumnBuilder::new(UdfType::Float64, values.len(), lead);
+    values.into_iter().for_each(|v| out.push_f64(v));
+    Ok(out.finish())
 }
 
 /// Exports a scalar UDF that queries can call by name, keeping the function as it is (call it
@@ -303,11 +296,10 @@ macro_rules! udf {
 
         #[allow(non_snake_case, dead_code)]
         $vis mod $name {
+            #[allow(unused_imports)]
             use super::*;
             #[allow(unused_imports)]
             use $crate::udf::{UdfArg as _, UdfResult as _};
-
-            const ARITY: usize = <[&str]>::len(&[$(stringify!($arg)),*]);
 
             /// The signature handed to the host.
             pub fn signature() -> $crate::contract::UdfSignature {
@@ -319,20 +311,42 @@ macro_rules! udf {
 
             /// The UDF over a frame of argument columns, as the host calls it.
             pub fn call_frame(bytes: &[u8]) -> Result<Vec<u8>, $crate::frame::FrameError> {
-                $crate::udf::call_frame::<$ret>(bytes, ARITY, |columns, row| {
-                    let mut next = columns.iter();
-                    $(
-                        let $arg: $ty =
-                            <$ty as $crate::udf::UdfArg>::get(next.next()?, row)?;
-                    )*
-                    Some(super::$name($($arg),*))
-                })
+                framed(bytes, 0)
+            }
+
+            fn framed(
+                bytes: &[u8],
+                lead: usize,
+            ) -> Result<Vec<u8>, $crate::frame::FrameError> {
+                $crate::udf::call_frame::<$ret>(
+                    bytes,
+                    &[$((<$ty as $crate::udf::UdfArg>::TYPE, <$ty as $crate::udf::UdfArg>::ROW)),*],
+                    lead,
+                    |columns, row| {
+                        let mut next = columns.iter();
+                        $(
+                            let $arg: $ty =
+                                <$ty as $crate::udf::UdfArg>::get(next.next()?, row)?;
+                        )*
+                        Some(super::$name($($arg),*))
+                    },
+                    |columns, row| {
+                        let mut next = columns.iter();
+                        $(
+                            let $arg: $ty = <$ty as $crate::udf::UdfArg>::at(
+                                next.next().expect("one column per argument"),
+                                row,
+                            );
+                        )*
+                        super::$name($($arg),*)
+                    },
+                )
             }
 
             #[cfg(target_arch = "wasm32")]
             #[unsafe(export_name = concat!("unseen_udf_", stringify!($name)))]
             extern "C" fn __batch(ptr: i32, len: i32) -> i32 {
-                $crate::__frame_call(ptr, len, call_frame)
+                $crate::__frame_call(ptr, len, framed)
             }
 
             #[cfg(target_arch = "wasm32")]
@@ -382,14 +396,76 @@ macro_rules! block {
         $vis mod $name {
             /// The block function over a frame of rows, as the host calls it.
             pub fn call_frame(bytes: &[u8]) -> Result<Vec<u8>, $crate::frame::FrameError> {
-                $crate::udf::call_block(bytes, super::$name)
+                framed(bytes, 0)
+            }
+
+            fn framed(
+                bytes: &[u8],
+                lead: usize,
+            ) -> Result<Vec<u8>, $crate::frame::FrameError> {
+                $crate::udf::call_block(bytes, lead, super::$name)
             }
 
             #[cfg(target_arch = "wasm32")]
             #[unsafe(export_name = concat!("unseen_block_", stringify!($name)))]
             extern "C" fn __block(ptr: i32, len: i32) -> i32 {
-                $crate::__frame_call(ptr, len, call_frame)
+                $crate::__frame_call(ptr, len, framed)
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::frame::{Column, Data, decode, encode};
+
+    crate::udf! {
+        default = 0.0;
+        fn scaled(x: f64, by: i64, on: bool) -> f64 {
+            if on { x * by as f64 } else { -1.0 }
+        }
+    }
+
+    fn run(columns: &[Column]) -> Option<Column> {
+        let answer = scaled::call_frame(&encode(columns)).ok()?;
+        let (_, mut out) = decode(&answer).ok()?;
+        out.pop()
+    }
+
+    #[test]
+    fn plain_columns_and_checked_columns_give_the_same_rows() {
+        let x = Column {
+            data: Data::Float64(vec![1.5, 2.0, 3.0]),
+            valid: None,
+        };
+        let by = Column {
+            data: Data::Int64(vec![2, 3, 4]),
+            valid: None,
+        };
+        let on = Column {
+            data: Data::Boolean(vec![true, false, true]),
+            valid: None,
+        };
+        // No nulls, every type as declared: the unchecked path.
+        let fast = run(&[x.clone(), by.clone(), on.clone()]).unwrap();
+        assert_eq!(fast.data, Data::Float64(vec![3.0, -1.0, 12.0]));
+        assert_eq!(fast.valid, None);
+        // A null in one column: the checked path, a null result on that row only.
+        let nulled = Column {
+            data: Data::Int64(vec![2, 0, 4]),
+            valid: Some(vec![true, false, true]),
+        };
+        let slow = run(&[x.clone(), nulled, on.clone()]).unwrap();
+        assert_eq!(slow.data, Data::Float64(vec![3.0, 0.0, 12.0]));
+        assert_eq!(slow.valid, Some(vec![true, false, true]));
+        // A column of another type than declared: every row null, never misread.
+        let wrong = Column {
+            data: Data::Float64(vec![2.0, 3.0, 4.0]),
+            valid: None,
+        };
+        let misread = run(&[x.clone(), wrong, on.clone()]).unwrap();
+        assert_eq!(misread.valid, Some(vec![false, false, false]));
+        // The wrong number of columns is an error (each row gets the default on the host).
+        assert!(run(&[x, by]).is_none());
+    }
 }

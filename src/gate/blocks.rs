@@ -37,7 +37,7 @@ use super::bound::MixHasher;
 use super::{GateError, JobGrant, Prepared, Work};
 use crate::catalog::OpenAttribute;
 use crate::config::Limits;
-use crate::sandbox::functions::encode_arrays;
+use crate::sandbox::functions::FrameInput;
 
 type MeanMeasurement =
     Measurement<VectorDomain<AtomDomain<f64>>, SymmetricDistance, MaxDivergence, f64>;
@@ -297,7 +297,7 @@ impl BlockPlan {
                     .map(|a| arrow::compute::take(a, &idx, None))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|_| failed())?;
-                encode_arrays(&taken, rows.len()).map_err(|m| refuse("unsupported_query", m))
+                FrameInput::new(&taken, rows.len()).map_err(|m| refuse("unsupported_query", m))
             })
             .collect::<Result<Vec<_>, _>>()?;
         drop((all, data, members));

@@ -20,7 +20,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray};
-use arrow::buffer::{NullBuffer, ScalarBuffer};
+use arrow::buffer::{Buffer, NullBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::common::{Result as DfResult, exec_err};
 use datafusion::logical_expr::{
@@ -30,7 +30,7 @@ use unseen_guest::contract::{
     BLOCK_PREFIX, EXPORT_ALLOC, EXPORT_MEMORY, ROW_PREFIX, SIGNATURE_PREFIX, UDF_PREFIX,
     UdfSignature, UdfType, Value,
 };
-use unseen_guest::frame::{self, Data};
+use unseen_guest::frame;
 use wasmtime::{InstancePre, ResourceLimiter, Store, Val};
 
 use crate::config::Limits;
@@ -106,14 +106,16 @@ struct Warm {
 }
 
 impl Warm {
-    /// Runs `export` over a frame with `fuel`: the frame it answers.
-    fn call(
+    /// Runs `export` over `input` with `fuel`. The frame is written straight into the guest's
+    /// memory and its answer read where the guest left it, by `read` (`None`: malformed).
+    fn call<T>(
         &mut self,
         export: &str,
-        input: &[u8],
+        input: &FrameInput,
         fuel: u64,
         limits: &Limits,
-    ) -> Result<Vec<u8>, CallError> {
+        read: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Result<T, CallError> {
         let Warm { store, instance } = self;
         let _ = store.set_fuel(fuel);
         let guest = |_| CallError::Guest;
@@ -128,9 +130,12 @@ impl Warm {
             .ok_or(CallError::Guest)?;
         let len = i32::try_from(input.len()).map_err(|_| CallError::Guest)?;
         let ptr = alloc.call(&mut *store, len).map_err(guest)?;
-        memory
-            .write(&mut *store, ptr as u32 as usize, input)
-            .map_err(|_| CallError::Guest)?;
+        let at = ptr as u32 as usize;
+        let buffer = memory
+            .data_mut(&mut *store)
+            .get_mut(at..at.saturating_add(input.len()))
+            .ok_or(CallError::Guest)?;
+        input.write(buffer);
         let out = function.call(&mut *store, (ptr, len)).map_err(guest)?;
         if out < 0 {
             return Err(CallError::Guest);
@@ -145,7 +150,7 @@ impl Warm {
             return Err(CallError::Guest);
         }
         data.get(at + 4..(at + 4).saturating_add(n))
-            .map(<[u8]>::to_vec)
+            .and_then(read)
             .ok_or(CallError::Guest)
     }
 }
@@ -240,14 +245,16 @@ impl GuestFunctions {
         Ok(out)
     }
 
-    /// Runs `export` over a frame in a fresh instance: the frame it answers.
-    pub(crate) fn call_frame(
+    /// Runs `export` over a frame in a fresh instance: what `read` makes of its answer.
+    fn call_fresh<T>(
         &self,
         export: &str,
-        input: &[u8],
+        input: &FrameInput,
         fuel: u64,
-    ) -> Result<Vec<u8>, CallError> {
-        self.instance()?.call(export, input, fuel, &self.limits)
+        read: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Result<T, CallError> {
+        self.instance()?
+            .call(export, input, fuel, &self.limits, read)
     }
 
     /// A fresh instance from the pool.
@@ -319,7 +326,7 @@ impl GuestFunctions {
     }
 
     fn batch(&self, udf: &UdfInfo, args: &[ArrayRef], rows: usize) -> Result<ArrayRef, CallError> {
-        let input = encode_arrays(args, rows).map_err(|_| CallError::Guest)?;
+        let input = FrameInput::new(args, rows).map_err(|_| CallError::Guest)?;
         let fuel = self
             .limits
             .udf_fuel_per_row
@@ -329,15 +336,13 @@ impl GuestFunctions {
             Some(w) => w,
             None => self.instance()?,
         };
-        let out = warm.call(
+        let answer = warm.call(
             &format!("{UDF_PREFIX}{}", udf.name),
             &input,
             fuel,
             &self.limits,
+            |out| decode_result(out, udf.signature.returns, rows),
         );
-        let answer = out.and_then(|out| {
-            decode_result(&out, udf.signature.returns, rows).ok_or(CallError::Guest)
-        });
         // An instance that failed is not reused.
         if answer.is_ok() {
             let mut warm_list = self.warm.lock().unwrap_or_else(|p| p.into_inner());
@@ -451,14 +456,16 @@ impl GuestFunctions {
             let export = format!("{UDF_PREFIX}{}", udf.name);
             for row in 0..rows {
                 let one: Vec<ArrayRef> = args.iter().map(|a| a.slice(row, 1)).collect();
-                let answer = encode_arrays(&one, 1)
+                let answer = FrameInput::new(&one, 1)
                     .map_err(|_| CallError::Guest)
                     .and_then(|input| {
-                        self.call_frame(&export, &input, self.limits.udf_fuel_per_row)
+                        self.call_fresh(&export, &input, self.limits.udf_fuel_per_row, |b| {
+                            decode_result(b, udf.signature.returns, 1)
+                        })
                     });
-                match answer.map(|bytes| decode_result(&bytes, udf.signature.returns, 1)) {
-                    Ok(Some(array)) => out.push_array(&array),
-                    Ok(None) | Err(CallError::Guest) => out.push_value(&udf.signature.default),
+                match answer {
+                    Ok(array) => out.push_array(&array),
+                    Err(CallError::Guest) => out.push_value(&udf.signature.default),
                     Err(CallError::Instantiate) => return exec_err!("no wasm instance slot"),
                 }
             }
@@ -472,20 +479,21 @@ impl GuestFunctions {
     pub(crate) fn run_blocks(
         &self,
         function: &str,
-        frames: &[Vec<u8>],
+        frames: &[FrameInput],
         outputs: usize,
     ) -> Result<Vec<Option<Vec<f64>>>, CallError> {
         let export = format!("{BLOCK_PREFIX}{function}");
-        let run = |frames: &[Vec<u8>]| -> Result<Vec<Option<Vec<f64>>>, CallError> {
+        let run = |frames: &[FrameInput]| -> Result<Vec<Option<Vec<f64>>>, CallError> {
             frames
                 .iter()
-                .map(
-                    |f| match self.call_frame(&export, f, self.limits.block_fuel) {
-                        Ok(bytes) => Ok(block_values(&bytes, outputs)),
+                .map(|f| {
+                    let read = |bytes: &[u8]| Some(block_values(bytes, outputs));
+                    match self.call_fresh(&export, f, self.limits.block_fuel, read) {
+                        Ok(values) => Ok(values),
                         Err(CallError::Guest) => Ok(None),
                         Err(CallError::Instantiate) => Err(CallError::Instantiate),
-                    },
-                )
+                    }
+                })
                 .collect()
         };
         let (left, right) = frames.split_at(frames.len() / 2);
@@ -504,14 +512,12 @@ impl GuestFunctions {
 }
 
 fn block_values(bytes: &[u8], outputs: usize) -> Option<Vec<f64>> {
-    let (rows, columns) = frame::decode(bytes).ok()?;
+    let (rows, columns) = frame::view(bytes).ok()?;
     match columns.as_slice() {
-        [
-            frame::Column {
-                data: Data::Float64(v),
-                valid: None,
-            },
-        ] if rows == outputs && v.iter().all(|x| x.is_finite()) => Some(v.clone()),
+        [c] if rows == outputs && !c.has_nulls() => {
+            let values: Option<Vec<f64>> = (0..rows).map(|i| c.f64(i)).collect();
+            values.filter(|v| v.iter().all(|x| x.is_finite()))
+        }
         _ => None,
     }
 }
@@ -534,101 +540,158 @@ fn wasm_value(array: &ArrayRef, row: usize) -> Val {
     }
 }
 
-/// Arrow arrays as a frame: Float64/Int64 values are copied as they lie in memory, other
-/// integer and float types widened, strings as offsets and bytes. Other types are refused.
-pub fn encode_arrays(arrays: &[ArrayRef], rows: usize) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(8 + arrays.len() * (2 + rows * 9));
-    frame::put_header(&mut out, rows, arrays.len());
-    for array in arrays {
-        let array: ArrayRef = match array.data_type() {
-            DataType::Float64 | DataType::Int64 | DataType::Boolean | DataType::Utf8 => {
-                array.clone()
-            }
-            DataType::Float32 => cast(array, &DataType::Float64)?,
-            DataType::Utf8View | DataType::LargeUtf8 => cast(array, &DataType::Utf8)?,
-            t if t.is_integer() => cast(array, &DataType::Int64)?,
-            t => {
-                return Err(format!(
-                    "columns of type {t} cannot be passed to guest code"
-                ));
-            }
-        };
-        if array.len() != rows {
-            return Err("a column of the wrong length".into());
-        }
-        let tag = match array.data_type() {
-            DataType::Float64 => UdfType::Float64,
-            DataType::Int64 => UdfType::Int64,
-            DataType::Boolean => UdfType::Boolean,
-            _ => UdfType::Utf8,
-        };
-        out.push(frame::type_tag(tag));
-        if array.null_count() > 0 {
-            out.push(1);
-            out.extend((0..rows).map(|i| array.is_valid(i) as u8));
-        } else {
-            out.push(0);
-        }
-        match tag {
-            // Arrow keeps values little-endian on little-endian hosts: one copy of the buffer.
-            UdfType::Float64 if cfg!(target_endian = "little") => {
-                out.extend_from_slice(array.as_primitive::<Float64Type>().values().inner());
-            }
-            UdfType::Int64 if cfg!(target_endian = "little") => {
-                out.extend_from_slice(array.as_primitive::<Int64Type>().values().inner());
-            }
-            UdfType::Float64 => {
-                for v in array.as_primitive::<Float64Type>().values().iter() {
-                    out.extend_from_slice(&v.to_le_bytes());
+/// Arrow arrays ready to be written as a frame: Float64/Int64 values are copied as they lie in
+/// memory, other integer and float types widened, strings as offsets and bytes. The frame's
+/// length is known before writing, so it can go straight into a guest's memory.
+pub struct FrameInput {
+    rows: usize,
+    columns: Vec<(UdfType, ArrayRef)>,
+    len: usize,
+}
+
+impl FrameInput {
+    /// Refuses types other than numbers, booleans and strings.
+    pub fn new(arrays: &[ArrayRef], rows: usize) -> Result<Self, String> {
+        let mut len = 8;
+        let mut columns = Vec::with_capacity(arrays.len());
+        for array in arrays {
+            let array: ArrayRef = match array.data_type() {
+                DataType::Float64 | DataType::Int64 | DataType::Boolean | DataType::Utf8 => {
+                    array.clone()
                 }
-            }
-            UdfType::Int64 => {
-                for v in array.as_primitive::<Int64Type>().values().iter() {
-                    out.extend_from_slice(&v.to_le_bytes());
+                DataType::Float32 => cast(array, &DataType::Float64)?,
+                DataType::Utf8View | DataType::LargeUtf8 => cast(array, &DataType::Utf8)?,
+                t if t.is_integer() => cast(array, &DataType::Int64)?,
+                t => {
+                    return Err(format!(
+                        "columns of type {t} cannot be passed to guest code"
+                    ));
                 }
+            };
+            if array.len() != rows {
+                return Err("a column of the wrong length".into());
             }
-            UdfType::Boolean => {
-                let b = array.as_boolean();
-                out.extend((0..rows).map(|i| b.value(i) as u8));
-            }
-            UdfType::Utf8 => {
-                let s = array.as_string::<i32>();
-                let offsets = s.value_offsets();
-                let base = offsets[0];
-                for o in offsets {
-                    out.extend_from_slice(&((o - base) as u32).to_le_bytes());
+            let tag = match array.data_type() {
+                DataType::Float64 => UdfType::Float64,
+                DataType::Int64 => UdfType::Int64,
+                DataType::Boolean => UdfType::Boolean,
+                _ => UdfType::Utf8,
+            };
+            len += 2 + if array.null_count() > 0 { rows } else { 0 };
+            len += match tag {
+                UdfType::Float64 | UdfType::Int64 => rows * 8,
+                UdfType::Boolean => rows,
+                UdfType::Utf8 => {
+                    let s = array.as_string::<i32>();
+                    let o = s.value_offsets();
+                    (rows + 1) * 4 + (o[rows] - o[0]) as usize
                 }
-                out.extend_from_slice(&s.value_data()[base as usize..offsets[rows] as usize]);
-            }
+            };
+            columns.push((tag, array));
         }
+        Ok(FrameInput { rows, columns, len })
     }
-    Ok(out)
+
+    /// The frame's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Writes the frame into `out`, which is exactly [`Self::len`] bytes.
+    pub fn write(&self, out: &mut [u8]) {
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            out[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        put(&(self.rows as u32).to_le_bytes());
+        put(&(self.columns.len() as u32).to_le_bytes());
+        let rows = self.rows;
+        for (tag, array) in &self.columns {
+            put(&[frame::type_tag(*tag), (array.null_count() > 0) as u8]);
+            if array.null_count() > 0 {
+                (0..rows).for_each(|i| put(&[array.is_valid(i) as u8]));
+            }
+            match tag {
+                // Arrow keeps values little-endian on little-endian hosts: one copy of the buffer.
+                UdfType::Float64 if cfg!(target_endian = "little") => {
+                    put(array.as_primitive::<Float64Type>().values().inner());
+                }
+                UdfType::Int64 if cfg!(target_endian = "little") => {
+                    put(array.as_primitive::<Int64Type>().values().inner());
+                }
+                UdfType::Float64 => {
+                    for v in array.as_primitive::<Float64Type>().values().iter() {
+                        put(&v.to_le_bytes());
+                    }
+                }
+                UdfType::Int64 => {
+                    for v in array.as_primitive::<Int64Type>().values().iter() {
+                        put(&v.to_le_bytes());
+                    }
+                }
+                UdfType::Boolean => {
+                    let b = array.as_boolean();
+                    (0..rows).for_each(|i| put(&[b.value(i) as u8]));
+                }
+                UdfType::Utf8 => {
+                    let s = array.as_string::<i32>();
+                    let offsets = s.value_offsets();
+                    let base = offsets[0];
+                    for o in offsets {
+                        put(&((o - base) as u32).to_le_bytes());
+                    }
+                    put(&s.value_data()[base as usize..offsets[rows] as usize]);
+                }
+            }
+        }
+        debug_assert_eq!(at, self.len);
+    }
+
+    /// The frame as bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.len];
+        self.write(&mut out);
+        out
+    }
 }
 
 fn cast(array: &ArrayRef, to: &DataType) -> Result<ArrayRef, String> {
     arrow::compute::cast(array, to).map_err(|_| format!("cannot pass a column as {to}"))
 }
 
-/// A UDF's answer frame as an Arrow array: exactly `rows` values of the declared type.
+/// A UDF's answer frame, read where it lies, as an Arrow array: exactly `rows` values of the
+/// declared type. Numbers are copied once, in bulk, into the array's buffer.
 fn decode_result(bytes: &[u8], returns: UdfType, rows: usize) -> Option<ArrayRef> {
-    let (n, mut columns) = frame::decode(bytes).ok()?;
-    if n != rows || columns.len() != 1 || columns[0].data.udf_type() != returns {
+    let (n, columns) = frame::view(bytes).ok()?;
+    let [column] = columns.as_slice() else {
+        return None;
+    };
+    if n != rows || column.ty != returns {
         return None;
     }
-    let column = columns.pop()?;
-    let nulls = column.valid.map(|v| NullBuffer::from(v));
-    Some(match column.data {
-        Data::Float64(v) => Arc::new(Float64Array::new(ScalarBuffer::from(v), nulls)),
-        Data::Int64(v) => Arc::new(Int64Array::new(ScalarBuffer::from(v), nulls)),
-        Data::Boolean(v) => Arc::new(BooleanArray::new(v.into(), nulls)),
-        Data::Utf8(v) => {
-            let valid = nulls.as_ref();
-            Arc::new(StringArray::from_iter(
-                v.into_iter()
-                    .enumerate()
-                    .map(|(i, s)| valid.is_none_or(|n| n.is_valid(i)).then_some(s)),
-            ))
+    let nulls = column
+        .valid_bytes()
+        .map(|v| NullBuffer::from_iter(v.iter().map(|&b| b != 0)));
+    let fixed = || -> Buffer {
+        if cfg!(target_endian = "little") {
+            Buffer::from_slice_ref(column.fixed_bytes())
+        } else {
+            let words = column.fixed_bytes().chunks_exact(8);
+            Buffer::from_iter(words.map(|w| u64::from_le_bytes(w.try_into().expect("8"))))
         }
+    };
+    Some(match returns {
+        UdfType::Float64 => Arc::new(Float64Array::new(
+            ScalarBuffer::new(fixed(), 0, rows),
+            nulls,
+        )),
+        UdfType::Int64 => Arc::new(Int64Array::new(ScalarBuffer::new(fixed(), 0, rows), nulls)),
+        UdfType::Boolean => Arc::new(BooleanArray::new(
+            (0..rows).map(|i| column.bool(i).unwrap_or(false)).collect(),
+            nulls,
+        )),
+        UdfType::Utf8 => Arc::new(StringArray::from_iter((0..rows).map(|i| column.str(i)))),
     })
 }
 
@@ -777,6 +840,11 @@ impl ScalarUDFImpl for WasmUdf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use unseen_guest::frame::Data;
+
+    fn encode_arrays(arrays: &[ArrayRef], rows: usize) -> Result<Vec<u8>, String> {
+        Ok(FrameInput::new(arrays, rows)?.to_vec())
+    }
 
     #[test]
     fn arrow_columns_encode_to_frames_the_guest_decodes_exactly() {
