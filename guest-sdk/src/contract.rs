@@ -116,8 +116,14 @@ pub struct BlockOutput {
 pub struct QueryRequest {
     /// SQL whose top is an aggregate grouped by public keys.
     pub sql: String,
-    /// Privacy budget for this query (pure ε-DP).
+    /// Privacy budget for this query under pure ε-DP (Laplace noise). Give this or `rho`.
+    #[serde(default)]
     pub epsilon: f64,
+    /// Privacy budget under zero-concentrated DP instead (ρ-zCDP, Gaussian noise), which
+    /// needs `delta`: the ledger records the (ε, δ) that ρ converts to at that δ. Better than
+    /// ε for releases of many measures or for many queries' worth of small noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rho: Option<f64>,
     /// Clamping bounds per column, `[lower, upper]`, overriding the catalogue's.
     #[serde(default)]
     pub bounds: BTreeMap<String, [f64; 2]>,
@@ -126,8 +132,8 @@ pub struct QueryRequest {
     /// means less noise but more rows dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rows_per_unit: Option<u64>,
-    /// δ for mechanisms that need one (choosing group keys that are not public). Default:
-    /// none, and such queries are refused.
+    /// δ for mechanisms that need one (choosing group keys that are not public; converting
+    /// `rho` to (ε, δ)). Default: none, and such queries are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
     /// Only price the query: the answer is a [`Release`] with `dry_run` set, no rows, and the
@@ -169,9 +175,14 @@ pub struct Release {
     pub ledger_entry: u64,
     /// Groups whose noisy count fell below the minimum group size; their measures are null.
     pub suppressed_groups: u64,
-    /// δ this release spent (non-zero only when its group keys were chosen from the data).
+    /// δ this release spent (non-zero only when its group keys were chosen from the data, or
+    /// under zCDP).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub delta: f64,
+    /// Under zCDP: the ρ this release spent; `epsilon` and `delta` are what it converts to
+    /// (by OpenDP), and what the ledger debits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rho: Option<f64>,
     /// An estimate from a dry run: no rows, nothing spent (`ledger_entry` is 0), and `epsilon`,
     /// `delta` and the columns' noise are what the real query would have.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -272,7 +283,11 @@ mod tests {
 
     #[test]
     fn requests_refuse_unknown_fields() {
-        let err = serde_json::from_str::<QueryRequest>(r#"{"sql":"x","epsilon":1,"rho":0}"#);
+        let err = serde_json::from_str::<QueryRequest>(r#"{"sql":"x","epsilon":1,"sigma":0}"#);
         assert!(err.is_err());
+        // A ρ budget needs no ε.
+        let zcdp: QueryRequest =
+            serde_json::from_str(r#"{"sql":"x","rho":0.5,"delta":1e-6}"#).unwrap();
+        assert_eq!((zcdp.epsilon, zcdp.rho), (0.0, Some(0.5)));
     }
 }

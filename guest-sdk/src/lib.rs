@@ -64,9 +64,19 @@ impl Query {
         }
     }
 
+    /// The budget under zero-concentrated DP instead of ε (Gaussian noise), split evenly
+    /// across the measurements it needs; needs [`Query::delta`] to convert it to the (ε, δ)
+    /// the ledger debits.
+    pub fn rho(mut self, rho: f64) -> Self {
+        self.request.rho = Some(rho);
+        self.request.epsilon = 0.0;
+        self
+    }
+
     /// The ε this query may spend, split evenly across the measurements it needs.
     pub fn epsilon(mut self, epsilon: f64) -> Self {
         self.request.epsilon = epsilon;
+        self.request.rho = None;
         self
     }
 
@@ -138,7 +148,7 @@ impl Query {
 }
 
 /// An entry body that runs the queries its params name: `{"queries": [request, …]}`, each the
-/// contract's [`QueryRequest`] as JSON (`epsilon` 0.5 if absent; unknown fields refused by
+/// contract's [`QueryRequest`] as JSON (`epsilon` 0.5 if neither it nor `rho` is given; unknown fields refused by
 /// name). Answers `{"answers": [{"release": …} | {"error": {"code", "message"}}, …]}`.
 ///
 /// ```
@@ -155,7 +165,9 @@ pub fn run_queries(params: Json) -> Result<Json, String> {
         .iter()
         .map(|spec| {
             let mut spec = spec.clone();
-            if let Some(fields) = spec.as_object_mut() {
+            if let Some(fields) = spec.as_object_mut()
+                && !fields.contains_key("rho")
+            {
                 fields.entry("epsilon").or_insert(serde_json::json!(0.5));
             }
             let request: QueryRequest = serde_json::from_value(spec)

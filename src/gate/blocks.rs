@@ -92,6 +92,12 @@ pub(super) fn prepare(
             ),
         ));
     }
+    if request.rho.is_some() {
+        return Err(refuse(
+            "unsupported_mechanism",
+            "sample-and-aggregate releases its mean with Laplace noise under ε: give \"epsilon\" instead of \"rho\"",
+        ));
+    }
     if request.max_rows_per_unit.is_some() || request.delta.is_some() || !request.bounds.is_empty()
     {
         return Err(refuse(
@@ -324,6 +330,7 @@ impl BlockPlan {
             ledger_entry: reservation,
             suppressed_groups: 0,
             delta: 0.0,
+            rho: None,
             dry_run: false,
             reused: false,
         })

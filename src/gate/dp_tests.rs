@@ -1,5 +1,5 @@
 //! Statistical privacy tests. For each mechanism the gate uses — Laplace on counts, Laplace on
-//! fixed-point clamped sums, the Laplace threshold of partition selection, the bounded mean
+//! fixed-point clamped sums, the Gaussian on counts under zCDP (judged as the (ε, δ) debited), the Laplace threshold of partition selection, the bounded mean
 //! over blocks of sample-and-aggregate — and for per-person
 //! contribution bounding, and the private quantile (exponential-style noisy max over candidates),
 //! draw many releases on a pair of neighbouring datasets, estimate the
@@ -24,7 +24,12 @@ use arrow::array::{ArrayRef, BooleanArray, Int64Array};
 use datafusion::logical_expr::lit;
 
 use super::bound::Counter;
+use super::noise::Budget;
 use super::{MeasureSpec, calibrate, calibrate_threshold, threshold_mechanism};
+
+fn pure(epsilon: f64) -> Budget {
+    Budget::Pure { epsilon }
+}
 
 const N: usize = 20_000;
 const Z: f64 = 3.72;
@@ -40,28 +45,69 @@ fn wilson(hits: usize) -> (f64, f64) {
 
 /// Lower confidence bound on ln(P[x′ ∈ S] / P[x ∈ S]), S = {y ≥ cut}.
 fn epsilon_lower_bound(neighbour: &[i64], base: &[i64], cut: i64) -> f64 {
+    approximate_epsilon_lower_bound(neighbour, base, cut, 0.0)
+}
+
+/// Lower confidence bound on ln((P[x′ ∈ S] − δ) / P[x ∈ S]), S = {y ≥ cut}: an (ε, δ)-DP
+/// mechanism keeps it at or under ε for every S.
+fn approximate_epsilon_lower_bound(neighbour: &[i64], base: &[i64], cut: i64, delta: f64) -> f64 {
     let hits = |v: &[i64]| v.iter().filter(|y| **y >= cut).count();
     let (neighbour_low, _) = wilson(hits(neighbour));
     let (_, base_high) = wilson(hits(base));
-    (neighbour_low / base_high).ln()
+    ((neighbour_low - delta).max(0.0) / base_high).ln()
 }
 
 /// Laplace on a count: neighbours differ by one row.
 #[test]
 fn counts_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
     let claim = 0.5;
-    let proper = calibrate(&MeasureSpec::Rows, claim, 1).unwrap();
-    let broken = calibrate(&MeasureSpec::Rows, 2.0 * claim, 1).unwrap(); // half the scale
+    let proper = calibrate(&MeasureSpec::Rows, pure(claim), 1).unwrap();
+    let broken = calibrate(&MeasureSpec::Rows, pure(2.0 * claim), 1).unwrap(); // half the scale
     for (c, should_pass) in [(&proper, true), (&broken, false)] {
-        let base = c.measurement.invoke(&vec![1000; N]).unwrap();
-        let neighbour = c.measurement.invoke(&vec![1001; N]).unwrap();
+        let base = c.invoke(&vec![1000; N]).unwrap();
+        let neighbour = c.invoke(&vec![1001; N]).unwrap();
         let eps = epsilon_lower_bound(&neighbour, &base, 1001);
         assert_eq!(
-            eps <= proper.epsilon,
+            eps <= proper.loss,
             should_pass,
             "scale {}: ε lower bound {eps} against the claim {}",
             c.scale,
-            proper.epsilon
+            proper.loss
+        );
+    }
+}
+
+/// The Gaussian under zCDP, judged as the (ε, δ) the ledger debits for it: a count with 20
+/// rows per person (Δ = 20) at ρ = 0.125 gets σ = Δ/√(2ρ) = 40; the neighbour adds a person's
+/// 20 rows. δ is large (0.01) so that ε is small enough for the half-noise twin (σ = 20) to
+/// show a larger tail ratio at an event frequent enough to measure: S = {y ≥ base + 50}.
+#[test]
+fn gaussian_counts_keep_the_epsilon_delta_debited_and_half_the_noise_is_caught() {
+    let (rho, delta, k) = (0.125, 0.01, 20u64);
+    let budget = Budget::Concentrated { rho, delta };
+    let proper = calibrate(&MeasureSpec::Rows, budget, k).unwrap();
+    let broken = calibrate(&MeasureSpec::Rows, budget.with_amount(4.0 * rho), k).unwrap();
+    assert!((proper.scale - 40.0).abs() < 1e-3, "{}", proper.scale);
+    assert!((broken.scale - 20.0).abs() < 1e-3, "{}", broken.scale);
+    assert!(proper.loss <= rho && proper.loss > 0.999 * rho);
+    let claim = super::noise::epsilon_of_rho(proper.loss, delta).unwrap();
+    // OpenDP's conversion: tighter than the classic ρ + 2√(ρ·ln 1/δ) = 1.64, never tighter
+    // than the Gaussian's exact curve (0.92 at this δ).
+    let classic = rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt();
+    assert!(claim > 0.9 && claim < classic, "{claim} against {classic}");
+    let (base, neighbour) = (1000i64, 1020i64);
+    for (c, should_pass) in [(&proper, true), (&broken, false)] {
+        let eps = approximate_epsilon_lower_bound(
+            &c.invoke(&vec![neighbour; N]).unwrap(),
+            &c.invoke(&vec![base; N]).unwrap(),
+            base + 50,
+            delta,
+        );
+        assert_eq!(
+            eps <= claim,
+            should_pass,
+            "σ {}: ε lower bound {eps} against the claim {claim}",
+            c.scale
         );
     }
 }
@@ -94,18 +140,18 @@ fn sums_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
 fn sums_check(spec: MeasureSpec) {
     let claim = 0.5;
     let (_, top) = spec.fixed_point_bounds();
-    let proper = calibrate(&spec, claim, 1).unwrap();
-    let broken = calibrate(&spec, 2.0 * claim, 1).unwrap();
+    let proper = calibrate(&spec, pure(claim), 1).unwrap();
+    let broken = calibrate(&spec, pure(2.0 * claim), 1).unwrap();
     let base_sum = 1000 * top;
     for (c, should_pass) in [(&proper, true), (&broken, false)] {
-        let base = c.measurement.invoke(&vec![base_sum; N]).unwrap();
-        let neighbour = c.measurement.invoke(&vec![base_sum + top; N]).unwrap();
+        let base = c.invoke(&vec![base_sum; N]).unwrap();
+        let neighbour = c.invoke(&vec![base_sum + top; N]).unwrap();
         let eps = epsilon_lower_bound(&neighbour, &base, base_sum + top);
         assert_eq!(
-            eps <= proper.epsilon,
+            eps <= proper.loss,
             should_pass,
             "ε lower bound {eps} against the claim {}",
-            proper.epsilon
+            proper.loss
         );
     }
 }
@@ -116,7 +162,7 @@ fn sums_check(spec: MeasureSpec) {
 #[test]
 fn bounded_persons_spend_no_more_than_claimed_and_unbounded_ones_are_caught() {
     let (claim, k) = (0.5, 5u32);
-    let noise = calibrate(&MeasureSpec::Rows, claim, u64::from(k)).unwrap();
+    let noise = calibrate(&MeasureSpec::Rows, pure(claim), u64::from(k)).unwrap();
     let base_count = 1000i64;
     let kept_in_group = |bound: u32| -> i64 {
         let mut counter = Counter::new(bound, Some((42, 42, 40)));
@@ -130,18 +176,18 @@ fn bounded_persons_spend_no_more_than_claimed_and_unbounded_ones_are_caught() {
         // Rows 0..25 are in the measured group.
         (0..25).filter(|i| kept.value(*i)).count() as i64
     };
-    let base = noise.measurement.invoke(&vec![base_count; N]).unwrap();
+    let base = noise.invoke(&vec![base_count; N]).unwrap();
     for (bound, should_pass) in [(k, true), (1000, false)] {
         let exact: Vec<i64> = (0..N).map(|_| base_count + kept_in_group(bound)).collect();
         assert!(exact.iter().all(|c| c - base_count <= i64::from(bound)));
-        let neighbour = noise.measurement.invoke(&exact).unwrap();
+        let neighbour = noise.invoke(&exact).unwrap();
         let cut = base_count + i64::from(k);
         let eps = epsilon_lower_bound(&neighbour, &base, cut);
         assert_eq!(
-            eps <= noise.epsilon,
+            eps <= noise.loss,
             should_pass,
             "bound {bound}: ε lower bound {eps} against the claim {}",
-            noise.epsilon
+            noise.loss
         );
     }
 }
@@ -234,8 +280,8 @@ fn block_means_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
 fn quantiles_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
     use super::quantile::calibrate_over;
     let claim = 1.0;
-    let proper = calibrate_over(vec![0.0, 1.0], -10.0, 10.0, 0.5, claim, 1).unwrap();
-    let broken = calibrate_over(vec![0.0, 1.0], -10.0, 10.0, 0.5, 2.0 * claim, 1).unwrap();
+    let proper = calibrate_over(vec![0.0, 1.0], -10.0, 10.0, 0.5, pure(claim), 1).unwrap();
+    let broken = calibrate_over(vec![0.0, 1.0], -10.0, 10.0, 0.5, pure(2.0 * claim), 1).unwrap();
     for (m, should_pass) in [(&proper, true), (&broken, false)] {
         let draws =
             |data: &[f64]| -> Vec<i64> { (0..N).map(|_| m.draw(data).unwrap() as i64).collect() };
@@ -243,11 +289,11 @@ fn quantiles_spend_no_more_than_claimed_and_half_the_noise_is_caught() {
         let with_two = draws(&[0.5, -1.0]);
         let eps = epsilon_lower_bound(&with_one, &with_two, 1);
         assert_eq!(
-            eps <= proper.epsilon,
+            eps <= proper.loss,
             should_pass,
             "scale {}: ε lower bound {eps} against the claim {}",
             m.scale,
-            proper.epsilon
+            proper.loss
         );
     }
 }

@@ -17,6 +17,7 @@
 mod blocks;
 mod bound;
 mod fixed_point;
+mod noise;
 mod plan;
 mod quantile;
 
@@ -27,13 +28,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
-use opendp::core::{Measurement, Transformation};
-use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
-use opendp::measurements::{make_laplace, make_laplace_threshold};
-use opendp::measures::{Approximate, MaxDivergence};
-use opendp::metrics::{
-    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, SymmetricDistance,
-};
 use unseen_guest::contract::{
     ColumnKind, QueryError, QueryRequest, Release, ReleasedColumn, Value,
 };
@@ -46,6 +40,9 @@ use crate::sandbox::functions::GuestFunctions;
 use crate::scenario::{Scenario, Status};
 use crate::store::{Store, StoreError};
 
+#[cfg(test)]
+use noise::threshold_mechanism;
+use noise::{Budget, Calibrated, Threshold, calibrate, calibrate_threshold};
 pub use plan::{MeasureSpec, OutputSpec, QueryShape};
 
 /// Why a query released nothing. Every message is written here and names only things the
@@ -163,14 +160,6 @@ pub struct Gate {
     tables: crate::engine::TableCache,
     /// Answer a repeated query with its earlier release (see [`Gate::cached`]).
     reuse: bool,
-}
-
-/// One noisy measurement's calibration, all from OpenDP.
-struct Calibrated {
-    measurement: LaplaceMeasurement,
-    /// Laplace scale in fixed-point units.
-    scale: f64,
-    epsilon: f64,
 }
 
 impl Gate {
@@ -503,6 +492,10 @@ impl Gate {
             ledger_entry: 0,
             suppressed_groups: 0,
             delta,
+            rho: match &work {
+                Work::Aggregate { pricing, .. } => pricing.rho,
+                Work::Blocks(_) => None,
+            },
             dry_run: true,
             reused: false,
         })
@@ -520,12 +513,7 @@ impl Gate {
                 format!("SQL is limited to {} bytes", self.limits.max_sql_bytes),
             ));
         }
-        if !(request.epsilon.is_finite() && request.epsilon > 0.0) {
-            return Err(GateError::refused(
-                "invalid_epsilon",
-                "epsilon must be a positive number",
-            ));
-        }
+        let budget = budget(request)?;
         for (column, [lo, hi]) in &request.bounds {
             if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
                 return Err(GateError::refused(
@@ -561,8 +549,14 @@ impl Gate {
         };
 
         // Price every measurement before touching data.
-        let per_measure = request.epsilon / shape.measures.len() as f64;
+        let per_measure = budget.with_amount(budget.amount() / shape.measures.len() as f64);
         let private = shape.private_keys() && !exact;
+        if private && matches!(budget, Budget::Concentrated { .. }) {
+            return Err(GateError::refused(
+                "unsupported_mechanism",
+                "the groups' keys are not public, and they are chosen by the Laplace threshold under ε: give \"epsilon\" (and \"delta\") instead of \"rho\" for this query, or group by public keys",
+            ));
+        }
         let threshold = if private {
             let delta = request.delta.ok_or_else(|| {
                 GateError::refused(
@@ -585,7 +579,7 @@ impl Gate {
                 .unwrap_or(0)
                 .max(policy.min_group_size);
             Some(calibrate_threshold(
-                per_measure,
+                per_measure.amount(),
                 delta,
                 shape.rows_per_unit(),
                 min_group,
@@ -623,22 +617,34 @@ impl Gate {
             }
             (calibrated, quantiles)
         };
-        let epsilon: f64 = calibrated.iter().flatten().map(|c| c.epsilon).sum::<f64>()
-            + quantiles.iter().flatten().map(|q| q.epsilon).sum::<f64>()
+        // What the measurements spend in the budget's measure: ε, or ρ (both add up).
+        let loss: f64 = calibrated.iter().flatten().map(|c| c.loss).sum::<f64>()
+            + quantiles.iter().flatten().map(|q| q.loss).sum::<f64>()
             + threshold.as_ref().map_or(0.0, |t| t.epsilon);
-        // As the ledger will record it (a short decimal, never below the mechanism's δ).
-        let delta = threshold
-            .as_ref()
-            .map_or(0.0, |t| crate::ledger::short_decimal_at_least(t.delta));
+        // As the ledger will record them (δ a short decimal, never below the mechanism's).
+        let (epsilon, delta, rho) = match budget {
+            _ if exact => (0.0, 0.0, None),
+            Budget::Pure { .. } => (
+                loss,
+                threshold
+                    .as_ref()
+                    .map_or(0.0, |t| crate::ledger::short_decimal_at_least(t.delta)),
+                None,
+            ),
+            Budget::Concentrated { delta, .. } => (
+                noise::epsilon_of_rho(loss, delta)?,
+                crate::ledger::short_decimal_at_least(delta),
+                Some(loss),
+            ),
+        };
 
         let mechanism = format!(
             "{}:{}{}",
-            if exact {
-                "exact"
-            } else if private {
-                "laplace-threshold"
-            } else {
-                "laplace"
+            match budget {
+                _ if exact => "exact",
+                _ if private => "laplace-threshold",
+                Budget::Pure { .. } => "laplace",
+                Budget::Concentrated { .. } => "gaussian",
             },
             shape
                 .measures
@@ -652,7 +658,7 @@ impl Gate {
             )) + &threshold.as_ref().map_or(String::new(), |t| format!(
                 ";keys by noisy count ≥ {}",
                 t.threshold
-            ))
+            )) + &rho.map_or(String::new(), |r| format!(";ρ={r} as (ε, δ)"))
         );
         Ok(Prepared {
             dataset_id: policy.id.clone(),
@@ -663,11 +669,13 @@ impl Gate {
             work: Work::Aggregate {
                 pricing: Pricing {
                     exact,
+                    budget,
                     calibrated,
                     quantiles,
                     threshold,
                     epsilon,
                     delta,
+                    rho,
                 },
                 shape,
             },
@@ -947,6 +955,7 @@ impl Gate {
             ledger_entry: reservation,
             suppressed_groups: suppressed,
             delta: pricing.delta,
+            rho: pricing.rho,
             dry_run: false,
             reused: false,
         })
@@ -981,7 +990,7 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
                     name: name.clone(),
                     kind: *kind,
                     noise_scale: Some(scale),
-                    ci95_half_width: Some(scale * 20f64.ln()),
+                    ci95_half_width: Some(noise::ci95(pricing.budget, scale)),
                 }
             }
             OutputSpec::Measure {
@@ -1005,21 +1014,58 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
                 measure,
                 kind,
             } => {
-                let scale = match (pricing.calibrated.get(*measure), &pricing.threshold) {
-                    (Some(Some(c)), _) => c.scale / shape.measures[*measure].fixed_point(),
-                    (Some(None), Some(t)) => t.scale,
-                    _ => 0.0,
+                let (scale, budget) = match (pricing.calibrated.get(*measure), &pricing.threshold) {
+                    (Some(Some(c)), _) => (
+                        c.scale / shape.measures[*measure].fixed_point(),
+                        pricing.budget,
+                    ),
+                    // The threshold mechanism's Laplace noise.
+                    (Some(None), Some(t)) => (t.scale, Budget::Pure { epsilon: t.epsilon }),
+                    _ => (0.0, pricing.budget),
                 };
                 ReleasedColumn {
                     name: name.clone(),
                     kind: *kind,
                     noise_scale: Some(scale),
-                    // P(|Laplace(b)| > t) = exp(-t/b): 95 % at t = b·ln 20.
-                    ci95_half_width: Some(scale * 20f64.ln()),
+                    ci95_half_width: Some(noise::ci95(budget, scale)),
                 }
             }
         })
         .collect()
+}
+
+/// The request's budget: ε, or ρ with the δ to convert it at.
+fn budget(request: &QueryRequest) -> Result<Budget, GateError> {
+    let invalid = |code: &'static str, message: String| Err(GateError::refused(code, message));
+    match request.rho {
+        None if request.epsilon.is_finite() && request.epsilon > 0.0 => Ok(Budget::Pure {
+            epsilon: request.epsilon,
+        }),
+        None => invalid(
+            "invalid_epsilon",
+            "epsilon must be a positive number (or give \"rho\" for zero-concentrated DP)".into(),
+        ),
+        Some(_) if request.epsilon != 0.0 => invalid(
+            "invalid_budget",
+            "give either \"epsilon\" (pure DP, Laplace noise) or \"rho\" (zCDP, Gaussian noise), not both".into(),
+        ),
+        Some(rho) if !(rho.is_finite() && rho > 0.0) => {
+            invalid("invalid_rho", "rho must be a positive number".into())
+        }
+        Some(rho) => match request.delta {
+            Some(delta) if delta.is_finite() && delta > 0.0 && delta <= crate::scenario::MAX_DELTA => {
+                Ok(Budget::Concentrated { rho, delta })
+            }
+            Some(_) => invalid(
+                "invalid_delta",
+                format!("delta must be above 0 and at most {:e}", crate::scenario::MAX_DELTA),
+            ),
+            None => invalid(
+                "invalid_delta",
+                "rho needs \"delta\" (e.g. 1e-6): the ledger debits the (ε, δ) that ρ converts to".into(),
+            ),
+        },
+    }
 }
 
 /// A checked, priced query.
@@ -1051,8 +1097,12 @@ struct Pricing {
     quantiles: Vec<Option<quantile::QuantileMechanism>>,
     /// Partition selection, when the group keys are not public.
     threshold: Option<Threshold>,
+    /// The budget's measure decides the noise (Laplace or Gaussian) and its intervals.
+    budget: Budget,
     epsilon: f64,
     delta: f64,
+    /// Under zCDP, what the release spends before conversion to (ε, δ).
+    rho: Option<f64>,
 }
 
 /// The text key of each group slot, in slot order.
@@ -1097,336 +1147,5 @@ fn key_value(k: &KeyValue) -> Value {
     }
 }
 
-/// Sensitivity from OpenDP's stability map for the sum or count we run, then the Laplace
-/// scale that spends at most `epsilon` by OpenDP's privacy map.
-///
-/// `rows_per_unit` is how many rows one privacy unit can change after contribution bounding
-/// (1 for row-level data): the symmetric distance fed to the stability map.
-fn calibrate(
-    spec: &MeasureSpec,
-    epsilon: f64,
-    rows_per_unit: u64,
-) -> Result<Calibrated, GateError> {
-    let rows = u32::try_from(rows_per_unit)
-        .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
-    let d_in: i64 = match spec {
-        MeasureSpec::Distinct { .. } => {
-            let t: Transformation<_, SymmetricDistance, AtomDomain<i64>, AbsoluteDistance<i64>> =
-                opendp::transformations::make_count_distinct::<i64, i64>(
-                    VectorDomain::new(AtomDomain::default()),
-                    SymmetricDistance,
-                )?;
-            t.map(&rows)?
-        }
-        MeasureSpec::Rows | MeasureSpec::NonNull { .. } => {
-            let t: Transformation<_, SymmetricDistance, AtomDomain<i64>, AbsoluteDistance<i64>> =
-                opendp::transformations::make_count::<i64, i64>(
-                    VectorDomain::new(AtomDomain::default()),
-                    SymmetricDistance,
-                )?;
-            t.map(&rows)?
-        }
-        MeasureSpec::Quantile { .. } => {
-            return Err(GateError::Mechanism(
-                "a quantile is calibrated by quantile::calibrate".into(),
-            ));
-        }
-        MeasureSpec::ClampedSum { .. } => {
-            let (lo, hi) = spec.fixed_point_bounds();
-            let t = opendp::transformations::make_sum::<SymmetricDistance, i64>(
-                VectorDomain::new(AtomDomain::new_closed((lo, hi))?),
-                SymmetricDistance,
-            )?;
-            t.map(&rows)?
-        }
-    };
-    let mut scale = (d_in as f64 / epsilon).max(f64::MIN_POSITIVE);
-    for _ in 0..16 {
-        let m = laplace_mechanism(scale)?;
-        let spent = m.map(&d_in)?;
-        if spent <= epsilon {
-            return Ok(Calibrated {
-                measurement: m,
-                scale,
-                epsilon: spent,
-            });
-        }
-        scale *= 1.0 + 1e-9;
-    }
-    Err(GateError::Mechanism(
-        "could not fit the noise scale under the requested ε".into(),
-    ))
-}
-
-/// Groups from which noise is drawn on both cores. OpenDP's exact samplers take ~15 µs a draw,
-/// so thousands of groups cost more than the aggregate that produced them.
-const PARALLEL_DRAWS: usize = 1024;
-
-type LaplaceMeasurement =
-    Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>;
-
-/// OpenDP's Laplace mechanism on integer vectors at `scale`: the one place it is built.
-fn laplace_mechanism(scale: f64) -> opendp::error::Fallible<LaplaceMeasurement> {
-    make_laplace(
-        VectorDomain::new(AtomDomain::<i64>::default()),
-        L1Distance::<i64>::default(),
-        scale,
-        None,
-    )
-}
-
-/// OpenDP's Laplace threshold mechanism on counts per key: the one place it is built.
-fn threshold_mechanism(
-    scale: f64,
-    threshold: i64,
-) -> opendp::error::Fallible<ThresholdMeasurement> {
-    make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-        MapDomain::new(
-            AtomDomain::<String>::default(),
-            AtomDomain::<i64>::default(),
-        ),
-        L0PInfDistance(AbsoluteDistance::<i64>::default()),
-        scale,
-        threshold,
-        None,
-    )
-}
-
-/// Runs `theirs` on a second core while `mine` runs on this one.
-fn on_two_cores<A, B: Send>(
-    mine: impl FnOnce() -> A,
-    theirs: impl FnOnce() -> B + Send,
-) -> Result<(A, B), GateError> {
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(theirs);
-        let mine = mine();
-        let theirs = handle
-            .join()
-            .map_err(|_| GateError::Mechanism("a noise thread failed".into()))?;
-        Ok((mine, theirs))
-    })
-}
-
-// From `PARALLEL_DRAWS` groups up, noise is drawn on both cores: each group gets independent
-// noise (and, under a threshold, its own keep-or-drop), so two instances of the same mechanism
-// (built with the same arguments) over two halves give the same distribution as one call over
-// everything, at the same ε and δ.
-
-impl Calibrated {
-    /// The measurement applied to `values`.
-    fn draw(&self, values: &[i64]) -> Result<Vec<i64>, GateError> {
-        if values.len() < PARALLEL_DRAWS {
-            return Ok(self.measurement.invoke(&values.to_vec())?);
-        }
-        let (left, right) = values.split_at(values.len() / 2);
-        let scale = self.scale;
-        let (mine, theirs) = on_two_cores(
-            || self.measurement.invoke(&left.to_vec()),
-            move || laplace_mechanism(scale)?.invoke(&right.to_vec()),
-        )?;
-        let mut out = mine?;
-        out.extend(theirs?);
-        Ok(out)
-    }
-}
-
-impl Threshold {
-    /// The threshold mechanism applied to `counts`.
-    fn draw(&self, counts: HashMap<String, i64>) -> Result<HashMap<String, i64>, GateError> {
-        if counts.len() < PARALLEL_DRAWS {
-            return Ok(self.measurement.invoke(&counts)?);
-        }
-        let mut i = 0usize;
-        let (left, right): (HashMap<_, _>, HashMap<_, _>) = counts.into_iter().partition(|_| {
-            i += 1;
-            i % 2 == 0
-        });
-        let (scale, threshold) = (self.scale, self.threshold);
-        let (mine, theirs) = on_two_cores(
-            || self.measurement.invoke(&left),
-            move || threshold_mechanism(scale, threshold)?.invoke(&right),
-        )?;
-        let mut out = mine?;
-        out.extend(theirs?);
-        Ok(out)
-    }
-}
-
-type ThresholdMeasurement = Measurement<
-    MapDomain<AtomDomain<String>, AtomDomain<i64>>,
-    L01InfDistance<AbsoluteDistance<i64>>,
-    Approximate<MaxDivergence>,
-    HashMap<String, i64>,
->;
-
-/// DP partition selection: OpenDP's Laplace threshold mechanism over the exact row counts of
-/// the groups the data has.
-struct Threshold {
-    measurement: ThresholdMeasurement,
-    scale: f64,
-    threshold: i64,
-    epsilon: f64,
-    delta: f64,
-}
-
-/// The Laplace scale that spends at most `epsilon` and the smallest threshold (never below the
-/// minimum group size) that spends at most `delta`, both by OpenDP's privacy map of the
-/// threshold mechanism at `d_in` = (groups one unit can touch, rows it can add in all, rows it
-/// can add to one group) = (k, k, k) after contribution bounding.
-fn calibrate_threshold(
-    epsilon: f64,
-    delta: f64,
-    rows_per_unit: u64,
-    min_group: u64,
-) -> Result<Threshold, GateError> {
-    let k = u32::try_from(rows_per_unit)
-        .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
-    let d_in = (k, i64::from(k), i64::from(k));
-    let make = threshold_mechanism;
-    const HIGHEST: i64 = 1 << 40;
-    let mut scale = (f64::from(k) / epsilon).max(f64::MIN_POSITIVE);
-    let mut fitted = None;
-    for _ in 0..16 {
-        if make(scale, HIGHEST)?.map(&d_in)?.0 <= epsilon {
-            fitted = Some(scale);
-            break;
-        }
-        scale *= 1.0 + 1e-9;
-    }
-    let scale = fitted.ok_or_else(|| {
-        GateError::Mechanism("could not fit the noise scale under the requested ε".into())
-    })?;
-    let spends = |t: i64| -> Result<bool, GateError> { Ok(make(scale, t)?.map(&d_in)?.1 <= delta) };
-    let (mut lo, mut hi) = ((min_group as i64).max(1), HIGHEST);
-    if !spends(hi)? {
-        return Err(GateError::Mechanism(
-            "no threshold keeps δ under the requested value".into(),
-        ));
-    }
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if spends(mid)? {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    let measurement = make(scale, lo)?;
-    let (spent_epsilon, spent_delta) = measurement.map(&d_in)?;
-    if spent_epsilon > epsilon || spent_delta > delta {
-        return Err(GateError::Mechanism(
-            "the threshold mechanism does not fit the requested ε and δ".into(),
-        ));
-    }
-    Ok(Threshold {
-        measurement,
-        scale,
-        threshold: lo,
-        epsilon: spent_epsilon,
-        delta: spent_delta,
-    })
-}
-
 #[cfg(test)]
 mod dp_tests;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use datafusion::logical_expr::lit;
-
-    #[test]
-    fn counts_get_scale_one_over_epsilon_from_opendp() {
-        let c = calibrate(&MeasureSpec::Rows, 0.5, 1).unwrap();
-        assert!((c.scale - 2.0).abs() < 1e-6, "{}", c.scale);
-        assert!(c.epsilon <= 0.5 && c.epsilon > 0.4999, "{}", c.epsilon);
-    }
-
-    #[test]
-    fn partition_selection_thresholds_grow_with_smaller_delta_and_larger_k() {
-        let t6 = calibrate_threshold(0.5, 1e-6, 1, 0).unwrap();
-        let t9 = calibrate_threshold(0.5, 1e-9, 1, 0).unwrap();
-        let k10 = calibrate_threshold(0.5, 1e-6, 10, 0).unwrap();
-        assert!(
-            t6.epsilon <= 0.5 && t6.delta <= 1e-6,
-            "{} {}",
-            t6.epsilon,
-            t6.delta
-        );
-        assert!((t6.scale - 2.0).abs() < 1e-6);
-        // δ = P(noise > threshold − 1) ≈ ½·exp(−(t − 1)/b): t ≈ 1 + 2·ln(5·10⁵) ≈ 27.
-        assert!((20..40).contains(&t6.threshold), "{}", t6.threshold);
-        assert!(t9.threshold > t6.threshold);
-        assert!(k10.threshold > 5 * t6.threshold && (k10.scale - 20.0).abs() < 1e-5);
-        // The minimum group size is a floor.
-        assert_eq!(
-            calibrate_threshold(0.5, 1e-6, 1, 500).unwrap().threshold,
-            500
-        );
-        // Released groups are those whose noisy count clears the threshold.
-        let counts: HashMap<String, i64> =
-            [("big".to_string(), 10_000), ("tiny".to_string(), 1)].into();
-        let out = t6.measurement.invoke(&counts).unwrap();
-        assert!(
-            out.contains_key("big") && !out.contains_key("tiny"),
-            "{out:?}"
-        );
-    }
-
-    #[test]
-    fn noise_drawn_on_two_cores_keeps_every_group_in_its_place() {
-        let c = calibrate(&MeasureSpec::Rows, 1.0, 1).unwrap();
-        let values: Vec<i64> = (0..3001).map(|i| i * 1_000).collect();
-        let noisy = c.draw(&values).unwrap();
-        assert_eq!(noisy.len(), values.len());
-        // Scale 1: every draw lands within 100 of its own group (miss: e^-100).
-        assert!(values.iter().zip(&noisy).all(|(v, n)| (v - n).abs() < 100));
-        assert_ne!(values, noisy, "noise was added");
-
-        let t = calibrate_threshold(1.0, 1e-6, 1, 0).unwrap();
-        let counts: HashMap<String, i64> = (0..3000)
-            .map(|i| (format!("k{i}"), if i % 2 == 0 { 10_000 } else { 0 }))
-            .collect();
-        let kept = t.draw(counts).unwrap();
-        assert_eq!(
-            kept.len(),
-            1500,
-            "the big half, all of it, and nothing else"
-        );
-        assert!(
-            kept.iter().all(|(k, v)| {
-                k[1..].parse::<i64>().unwrap() % 2 == 0 && (v - 10_000).abs() < 100
-            })
-        );
-    }
-
-    #[test]
-    fn a_person_bound_of_k_rows_multiplies_the_noise_by_k() {
-        let one = calibrate(&MeasureSpec::Rows, 0.5, 1).unwrap();
-        let ten = calibrate(&MeasureSpec::Rows, 0.5, 10).unwrap();
-        assert!((ten.scale / one.scale - 10.0).abs() < 1e-6, "{}", ten.scale);
-        assert!(ten.epsilon <= 0.5);
-    }
-
-    #[test]
-    fn sums_take_their_sensitivity_from_the_clamping_bounds() {
-        let fp = 2f64.powi(23);
-        let spec = MeasureSpec::ClampedSum {
-            expr: lit(0.0),
-            column: "fare".into(),
-            lo: 0.0,
-            hi: 100.0,
-            shift: 0.0,
-            fixed_point: fp,
-            squared: false,
-        };
-        let c = calibrate(&spec, 0.5, 1).unwrap();
-        // 100 per row, in fixed-point units, over ε = 0.5.
-        assert!((c.scale / fp - 200.0).abs() < 1e-3, "{}", c.scale / fp);
-        assert!(c.epsilon <= 0.5);
-        // The noise is real: two draws over the same data differ (P(equal) ≈ 1/(2·scale)).
-        let a = c.measurement.invoke(&vec![0i64; 8]).unwrap();
-        let b = c.measurement.invoke(&vec![0i64; 8]).unwrap();
-        assert_ne!(a, b);
-    }
-}

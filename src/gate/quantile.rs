@@ -8,6 +8,7 @@
 //! so a person whose *k* rows fall in several groups costs at most ε(*k*) over all of them —
 //! one measurement's share, as for the counts and sums beside it.
 
+use opendp::combinators::make_pureDP_to_zCDP;
 use opendp::core::Measurement;
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_private_quantile;
@@ -15,6 +16,7 @@ use opendp::measures::MaxDivergence;
 use opendp::metrics::SymmetricDistance;
 
 use super::GateError;
+use super::noise::Budget;
 
 /// How many candidates span the bounds: the release is one of them, so its resolution is
 /// (hi − lo) / 1023.
@@ -28,8 +30,9 @@ pub(super) struct QuantileMechanism {
     measurement: QuantileMeasurement,
     /// The noise scale in rank units (OpenDP's `scale`: rows of the group, not values).
     pub scale: f64,
-    /// ε spent for the whole measurement, from OpenDP's privacy map at d_in = k.
-    pub epsilon: f64,
+    /// What the whole measurement spends in the budget's measure (ε, or ρ), from OpenDP's
+    /// privacy map at d_in = k.
+    pub loss: f64,
     lo: f64,
     hi: f64,
 }
@@ -38,7 +41,7 @@ impl std::fmt::Debug for QuantileMechanism {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuantileMechanism")
             .field("scale", &self.scale)
-            .field("epsilon", &self.epsilon)
+            .field("loss", &self.loss)
             .finish_non_exhaustive()
     }
 }
@@ -60,10 +63,10 @@ pub(super) fn calibrate(
     lo: f64,
     hi: f64,
     q: f64,
-    epsilon: f64,
+    budget: Budget,
     rows_per_unit: u64,
 ) -> Result<QuantileMechanism, GateError> {
-    calibrate_over(candidates(lo, hi), lo, hi, q, epsilon, rows_per_unit)
+    calibrate_over(candidates(lo, hi), lo, hi, q, budget, rows_per_unit)
 }
 
 /// As [`calibrate`], over the given candidates (strictly increasing, inside [lo, hi]).
@@ -72,7 +75,7 @@ pub(super) fn calibrate_over(
     lo: f64,
     hi: f64,
     q: f64,
-    epsilon: f64,
+    budget: Budget,
     rows_per_unit: u64,
 ) -> Result<QuantileMechanism, GateError> {
     let rows = u32::try_from(rows_per_unit)
@@ -87,22 +90,32 @@ pub(super) fn calibrate_over(
             scale,
         )
     };
+    // The mechanism is pure ε-DP; under a ρ budget its loss is OpenDP's conversion to zCDP
+    // (ρ = ε²/2), so it is fitted to ε = √(2ρ).
+    let (target, epsilon, power) = match budget {
+        Budget::Pure { epsilon } => (epsilon, epsilon, 1.0),
+        Budget::Concentrated { rho, .. } => (rho, (2.0 * rho).sqrt(), 0.5),
+    };
+    let spend = |m: &QuantileMeasurement| match budget {
+        Budget::Pure { .. } => m.map(&rows),
+        Budget::Concentrated { .. } => make_pureDP_to_zCDP(m.clone())?.map(&rows),
+    };
     // OpenDP's map for an unsized input: ε = 2·d·max(q, 1 − q) / scale (q rounded to a
     // fraction). Start there; should the map itself say more (rounding), widen to fit.
     let mut scale = (2.0 * f64::from(rows) * q.max(1.0 - q) / epsilon).max(f64::MIN_POSITIVE);
     for _ in 0..16 {
         let m = build(scale)?;
-        let spent = m.map(&rows)?;
-        if spent <= epsilon {
+        let spent = spend(&m)?;
+        if spent <= target {
             return Ok(QuantileMechanism {
                 measurement: m,
                 scale,
-                epsilon: spent,
+                loss: spent,
                 lo,
                 hi,
             });
         }
-        scale *= (spent / epsilon) * (1.0 + 1e-12);
+        scale *= (spent / target).powf(power) * (1.0 + 1e-12);
     }
     Err(GateError::Mechanism(
         "the quantile's noise could not be calibrated".into(),
@@ -141,6 +154,10 @@ pub(super) fn exact(values: &[f64], lo: f64, hi: f64, q: f64) -> Option<f64> {
 mod tests {
     use super::*;
 
+    fn pure(epsilon: f64) -> Budget {
+        Budget::Pure { epsilon }
+    }
+
     #[test]
     fn calibration_spends_at_most_its_share_and_scales_with_k() {
         for (q, eps, k) in [
@@ -149,20 +166,34 @@ mod tests {
             (0.5, 1.0, 10),
             (0.1, 2.0, 5),
         ] {
-            let m = calibrate(0.0, 100.0, q, eps, k).unwrap();
+            let m = calibrate(0.0, 100.0, q, pure(eps), k).unwrap();
             assert!(
-                m.epsilon <= eps && m.epsilon > eps * 0.999,
+                m.loss <= eps && m.loss > eps * 0.999,
                 "{q} {eps} {k}: {m:?}"
             );
+            // Under ρ = ε²/2 the same mechanism, at the same scale (OpenDP's conversion).
+            let rho = eps * eps / 2.0;
+            let z = calibrate(0.0, 100.0, q, Budget::Concentrated { rho, delta: 1e-6 }, k);
+            let z = z.unwrap();
+            assert!(
+                z.loss <= rho && z.loss > rho * 0.999,
+                "{q} {rho} {k}: {z:?}"
+            );
+            assert!(
+                (z.scale / m.scale - 1.0).abs() < 1e-3,
+                "{} {}",
+                z.scale,
+                m.scale
+            );
         }
-        let one = calibrate(0.0, 100.0, 0.5, 1.0, 1).unwrap();
-        let ten = calibrate(0.0, 100.0, 0.5, 1.0, 10).unwrap();
+        let one = calibrate(0.0, 100.0, 0.5, pure(1.0), 1).unwrap();
+        let ten = calibrate(0.0, 100.0, 0.5, pure(1.0), 10).unwrap();
         assert!((ten.scale / one.scale - 10.0).abs() < 1e-6);
     }
 
     #[test]
     fn a_large_group_gets_close_to_its_median_and_values_stay_in_bounds() {
-        let m = calibrate(0.0, 100.0, 0.5, 1.0, 1).unwrap();
+        let m = calibrate(0.0, 100.0, 0.5, pure(1.0), 1).unwrap();
         // 201 values 0..=200 (half outside the bounds): the clamped median is 100.
         let values: Vec<f64> = (0..=200).map(f64::from).collect();
         assert_eq!(exact(&values, 0.0, 100.0, 0.5), Some(100.0));

@@ -340,3 +340,92 @@ async fn case_bins_are_public_keys_and_every_bin_is_released() {
         answers[2]
     );
 }
+
+/// A budget in ρ (zero-concentrated DP): Gaussian noise with σ from ρ, a release that states
+/// ρ and the (ε, δ) it converts to, a ledger that debits exactly that, the same price in a dry
+/// run, and refusals that say what to give instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rho_budgets_get_gaussian_noise_and_debit_the_epsilon_delta_they_convert_to() {
+    let s = Server::start().await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let scenario = s
+        .approved_application(json!({
+            "purpose": "testing", "columns": {"trips": ["district", "hour", "cell", "fare"]},
+            "modules": [module], "epsilon": 20.0, "per_job_epsilon": 20.0, "delta": 1e-5}))
+        .await;
+    let counts = "SELECT district, COUNT(*) AS trips FROM trips GROUP BY district";
+    let (answers, _) = s
+        .ask(
+            &scenario,
+            &module,
+            json!([
+                {"sql": counts, "rho": 0.5, "delta": 1e-6, "dry_run": true},
+                {"sql": counts, "rho": 0.5, "delta": 1e-6},
+                {"sql": counts, "rho": 0.5, "epsilon": 1.0, "delta": 1e-6},
+                {"sql": counts, "rho": 0.5},
+                {"sql": counts, "rho": -1.0, "delta": 1e-6},
+                {"sql": "SELECT cell, COUNT(*) AS n FROM trips GROUP BY cell", "rho": 0.5, "delta": 1e-6},
+            ]),
+        )
+        .await;
+    let (dry, release) = (&answers[0]["release"], &answers[1]["release"]);
+    let rows = release["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answers}"));
+    // One measurement at ρ 0.5, one row per person: σ = 1/√(2ρ) = 1.
+    let column = &release["columns"][1];
+    assert!(
+        (column["noise_scale"].as_f64().unwrap() - 1.0).abs() < 1e-6,
+        "{column}"
+    );
+    assert!((column["ci95_half_width"].as_f64().unwrap() - 1.96).abs() < 1e-3);
+    let rho = release["rho"].as_f64().unwrap();
+    assert!(rho <= 0.5 && rho > 0.4999, "{rho}");
+    // OpenDP's conversion at δ 1e-6: above ρ, under the classic ρ + 2√(ρ·ln 1/δ).
+    let epsilon = release["epsilon"].as_f64().unwrap();
+    let classic = 0.5 + 2.0 * (0.5 * 1e6f64.ln()).sqrt();
+    assert!(epsilon > 0.5 && epsilon < classic, "{epsilon}");
+    assert_eq!(release["delta"].as_f64(), Some(1e-6));
+    for key in ["epsilon", "delta", "rho"] {
+        assert_eq!(dry[key], release[key], "the dry run prices {key} alike");
+    }
+    assert_eq!(dry["rows"].as_array().map(Vec::len), Some(0));
+    // Gaussian(1) noise on each count: off by 8 has probability ~1e-15.
+    let exact = crate::support::exact_q1(&s.data_path());
+    assert_eq!(rows.len(), exact.len());
+    for row in rows {
+        let (n, _) = exact[row[0].as_str().unwrap()];
+        assert!((row[1].as_i64().unwrap() - n).abs() <= 8, "{row} vs {n}");
+    }
+    // The ledger debits the converted ε and δ and names the mechanism and ρ.
+    let export = s.ledger_export().await;
+    let reserve = export
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e.to_string().contains("gaussian:count"))
+        .unwrap_or_else(|| panic!("no gaussian reservation in {export}"));
+    let entry = reserve.to_string();
+    assert!(entry.contains(&format!("{epsilon}")), "{entry}");
+    assert!(entry.contains("ρ="), "{entry}");
+    assert_eq!(
+        s.reservations().await,
+        1,
+        "refusals and the dry run spend nothing"
+    );
+    for (i, code) in [
+        (2, "invalid_budget"),
+        (3, "invalid_delta"),
+        (4, "invalid_rho"),
+        (5, "unsupported_mechanism"),
+    ] {
+        assert_eq!(answers[i]["error"]["code"], code, "{}", answers[i]);
+    }
+    assert!(
+        answers[5]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"epsilon\""),
+        "{}",
+        answers[5]
+    );
+}
