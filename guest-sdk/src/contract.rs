@@ -132,6 +132,12 @@ pub struct QueryRequest {
     /// means less noise but more rows dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rows_per_unit: Option<u64>,
+    /// For datasets whose privacy unit is a person, when the groups are chosen from the data
+    /// (partition selection): use each person's rows in at most this many groups (chosen at
+    /// random), tighter than the catalogue's and the scenario's bound. Smaller means a lower
+    /// threshold (more groups released) but more rows dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u64>,
     /// δ for mechanisms that need one (choosing group keys that are not public; converting
     /// `rho` to (ε, δ)). Default: none, and such queries are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -94,7 +94,15 @@ impl Query {
         self
     }
 
-    /// δ for choosing group keys that are not public (DP partition selection).
+    /// For person-level datasets whose groups are chosen from the data: use each person's
+    /// rows in at most `groups` groups (picked at random), for a lower threshold.
+    pub fn max_groups_per_unit(mut self, groups: u64) -> Self {
+        self.request.max_groups_per_unit = Some(groups);
+        self
+    }
+
+    /// δ for choosing group keys that are not public (DP partition selection), and for
+    /// converting a ρ budget to (ε, δ).
     pub fn delta(mut self, delta: f64) -> Self {
         self.request.delta = Some(delta);
         self

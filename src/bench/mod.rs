@@ -507,6 +507,7 @@ impl GateFixture {
             valid_from: None,
             valid_until: None,
             max_rows_per_unit: None,
+            max_groups_per_unit: None,
             delta: crate::scenario::MAX_DELTA,
             reviewed_modules: Vec::new(),
             pad_to_seconds: None,

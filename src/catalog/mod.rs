@@ -83,6 +83,12 @@ pub struct DatasetPolicy {
     /// absent for `"row"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rows_per_unit: Option<u64>,
+    /// For a person unit: the most groups one person's rows may fall in, where that lowers a
+    /// release's price (groups chosen from the data by partition selection); chosen at random
+    /// when a person has more. Scenarios and queries may only lower it. Default: none (a
+    /// person counts as reaching as many groups as they have rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u64>,
     /// Total ε the dataset may ever spend across all scenarios.
     pub total_epsilon: f64,
     /// Total δ the dataset may ever spend across all scenarios, on releases whose group keys
@@ -209,6 +215,21 @@ impl DatasetPolicy {
                     )));
                 }
             }
+        }
+        match (policy.privacy_unit.as_str(), policy.max_groups_per_unit) {
+            (_, None) => {}
+            ("row", Some(_)) => {
+                return Err(bad(
+                    "field `max_groups_per_unit`: only for a person unit; a row is in one group"
+                        .into(),
+                ));
+            }
+            (_, Some(g)) if !(1..=MAX_ROWS_PER_UNIT).contains(&g) => {
+                return Err(bad(format!(
+                    "field `max_groups_per_unit`: must be 1 to {MAX_ROWS_PER_UNIT}"
+                )));
+            }
+            _ => {}
         }
         for (name, column) in &policy.columns {
             if !is_identifier(name) {

@@ -51,6 +51,57 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReser
 pub struct UnitBound {
     pub column: String,
     pub max_rows: u64,
+    /// At most this many groups per person, where the price depends on it (partition
+    /// selection): the groups are told apart by these columns of the scan.
+    pub groups: Option<GroupBound>,
+}
+
+/// A bound on the groups one person's rows may fall in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupBound {
+    pub max_groups: u64,
+    /// The scan's columns the group keys are made of (a group is a function of them, so at
+    /// most g distinct combinations means at most g groups).
+    pub columns: Vec<String>,
+}
+
+/// Pass 1's record of each person's groups under a bound of *g*: the *g* smallest keyed
+/// hashes of the group columns among the person's rows, each with its row count. With a
+/// random key per query the *g* smallest are a uniformly random *g*-subset of the person's
+/// groups; pass 2 keeps rows of those groups only. (Two groups of one person whose 64-bit
+/// hashes collide would count as one: probability ~2⁻⁶⁴ per pair.)
+struct Groups {
+    max_groups: usize,
+    /// `max_groups` entries per slot: (hash, rows); 0 rows is an empty entry.
+    entries: Vec<(u64, u32)>,
+}
+
+impl Groups {
+    fn of(&self, slot: usize) -> &[(u64, u32)] {
+        &self.entries[slot * self.max_groups..(slot + 1) * self.max_groups]
+    }
+
+    /// Counts a row of group `hash` for the person at `slot`.
+    fn add(&mut self, slot: usize, hash: u64) {
+        let g = self.max_groups;
+        let entries = &mut self.entries[slot * g..(slot + 1) * g];
+        if let Some(e) = entries.iter_mut().find(|e| e.1 > 0 && e.0 == hash) {
+            e.1 = e.1.saturating_add(1);
+        } else if let Some(e) = entries.iter_mut().find(|e| e.1 == 0) {
+            *e = (hash, 1);
+        } else if let Some(e) = entries.iter_mut().max_by_key(|e| e.0)
+            && hash < e.0
+        {
+            // A group with a smaller hash displaces the largest; the displaced one can never
+            // come back (its hash stays above g others).
+            *e = (hash, 1);
+        }
+    }
+
+    /// Whether `hash` is one of the person's chosen groups.
+    fn chosen(&self, slot: usize, hash: u64) -> bool {
+        self.of(slot).iter().any(|e| e.1 > 0 && e.0 == hash)
+    }
 }
 
 /// A person, as the two passes see them: an integer id as itself, a string id by a 64-bit
@@ -87,6 +138,8 @@ pub(super) struct Counter {
     hasher: std::collections::hash_map::RandomState,
     index: Index,
     rows: Vec<u32>,
+    /// Under a group bound, each person's chosen groups (then `rows` is unused until finish).
+    groups: Option<Groups>,
     /// The tables' bytes, drawn from the job's memory pool (none in unit tests).
     memory: Option<MemoryReservation>,
 }
@@ -109,8 +162,24 @@ impl Counter {
             hasher: Default::default(),
             index,
             rows,
+            groups: None,
             memory: None,
         }
+    }
+
+    /// Bounds each person to `max_groups` groups as well (rows then come with group hashes).
+    pub(super) fn with_groups(mut self, max_groups: usize) -> Self {
+        let max_groups = max_groups.max(1);
+        self.groups = Some(Groups {
+            max_groups,
+            entries: vec![(0, 0); self.rows.len() * max_groups],
+        });
+        self
+    }
+
+    /// Each row's group hash, from the group columns (keyed like string ids, per query).
+    pub(super) fn group_hashes(&self, columns: &[ArrayRef]) -> Result<Vec<u64>> {
+        group_hashes(&self.hasher, columns)
     }
 
     /// Draws the tables' memory from `pool` from now on, like any operator of the query.
@@ -127,7 +196,11 @@ impl Counter {
             // A key, a slot and a control byte per bucket.
             Index::Hashed(map) => map.capacity() * 13,
         };
-        let bytes = map + self.rows.capacity() * 4 + extra;
+        let groups = self
+            .groups
+            .as_ref()
+            .map_or(0, |g| g.entries.capacity() * 16);
+        let bytes = map + self.rows.capacity() * 4 + groups + extra;
         match &mut self.memory {
             Some(memory) => memory.try_resize(bytes),
             None => Ok(()),
@@ -136,13 +209,23 @@ impl Counter {
 
     /// Counts one batch of pass 1's person column (null ids count for no one).
     pub(super) fn add(&mut self, unit: &ArrayRef) -> Result<()> {
+        self.add_rows(unit, None)
+    }
+
+    /// As [`Counter::add`], under a group bound: each row's group hash beside its person.
+    pub(super) fn add_grouped(&mut self, unit: &ArrayRef, hashes: &[u64]) -> Result<()> {
+        self.add_rows(unit, Some(hashes))
+    }
+
+    fn add_rows(&mut self, unit: &ArrayRef, hashes: Option<&[u64]>) -> Result<()> {
         let Counter {
             hasher,
             index,
             rows,
+            groups,
             ..
         } = self;
-        for_each_key(unit, hasher, |_, key| {
+        for_each_key(unit, hasher, |row, key| {
             let Some(key) = key else { return };
             let slot = match index {
                 Index::Dense { .. } => index.slot(key),
@@ -151,6 +234,9 @@ impl Counter {
                     let slot = *map.entry(key).or_insert(next) as usize;
                     if slot == rows.len() {
                         rows.push(0);
+                        if let Some(g) = groups.as_mut() {
+                            g.entries.extend(std::iter::repeat_n((0, 0), g.max_groups));
+                        }
                     }
                     Some(slot)
                 }
@@ -158,7 +244,10 @@ impl Counter {
             // A dense table was sized from the same rows; an id outside it (the two scans
             // disagreeing) is a person whose rows pass 2 will drop.
             if let Some(slot) = slot {
-                rows[slot] = rows[slot].saturating_add(1);
+                match (groups.as_mut(), hashes) {
+                    (Some(g), Some(h)) => g.add(slot, h[row]),
+                    _ => rows[slot] = rows[slot].saturating_add(1),
+                }
             }
         })
     }
@@ -172,6 +261,15 @@ impl Counter {
         SystemRandom::new()
             .fill(&mut seed)
             .map_err(|_| GateError::refused("internal", "no secure randomness available"))?;
+        // Under a group bound a person's rows are those of their chosen groups.
+        if let Some(g) = &self.groups {
+            for (slot, n) in self.rows.iter_mut().enumerate() {
+                *n = g
+                    .of(slot)
+                    .iter()
+                    .fold(0u32, |sum, e| sum.saturating_add(e.1));
+            }
+        }
         // A person never counted gets an allowance already spent, so none of their rows is kept.
         let progress = self
             .rows
@@ -188,6 +286,7 @@ impl Counter {
             max_rows: self.max_rows,
             hasher: self.hasher,
             index: self.index,
+            groups: self.groups,
             progress: Mutex::new(progress),
             seeds: Mutex::new(rand::rngs::StdRng::from_seed(seed)),
             _memory: self.memory,
@@ -200,6 +299,8 @@ pub struct Selection {
     max_rows: u32,
     hasher: std::collections::hash_map::RandomState,
     index: Index,
+    /// Under a group bound, each person's chosen groups: rows of other groups are dropped.
+    groups: Option<Groups>,
     /// Pass 2's state per slot, one word so a row costs one memory access: the person's rows
     /// not yet seen (pass 1's count to start with) in the high half, rows kept in the low half.
     progress: Mutex<Vec<u64>>,
@@ -248,6 +349,17 @@ impl std::fmt::Debug for Selection {
     }
 }
 
+/// Each row's hash of `columns`, keyed by `hasher` (the query's own random key).
+fn group_hashes(
+    hasher: &std::collections::hash_map::RandomState,
+    columns: &[ArrayRef],
+) -> Result<Vec<u64>> {
+    let rows = columns.first().map_or(0, |c| c.len());
+    let mut hashes = vec![0u64; rows];
+    datafusion::common::hash_utils::create_hashes_with_hasher(columns, hasher, &mut hashes)?;
+    Ok(hashes)
+}
+
 /// Calls `f(row, key)` for each row of a person column (`None` for a null id).
 fn for_each_key(
     unit: &ArrayRef,
@@ -294,6 +406,31 @@ impl Selection {
     /// Pass 2: keep or drop each row of one batch. Rows where `wanted` is not true (the
     /// query's own filters) are dropped without touching anyone's allowance.
     pub(super) fn keep(&self, unit: &ArrayRef, wanted: &BooleanArray) -> Result<BooleanArray> {
+        self.keep_rows(unit, wanted, None)
+    }
+
+    /// As [`Selection::keep`], under a group bound: rows outside the person's chosen groups
+    /// are dropped without touching their allowance either.
+    pub(super) fn keep_grouped(
+        &self,
+        unit: &ArrayRef,
+        wanted: &BooleanArray,
+        hashes: &[u64],
+    ) -> Result<BooleanArray> {
+        self.keep_rows(unit, wanted, Some(hashes))
+    }
+
+    /// Each row's group hash, keyed as pass 1's.
+    pub(super) fn group_hashes(&self, columns: &[ArrayRef]) -> Result<Vec<u64>> {
+        group_hashes(&self.hasher, columns)
+    }
+
+    fn keep_rows(
+        &self,
+        unit: &ArrayRef,
+        wanted: &BooleanArray,
+        hashes: Option<&[u64]>,
+    ) -> Result<BooleanArray> {
         let k = self.max_rows;
         let mut rng = {
             let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
@@ -304,7 +441,15 @@ impl Selection {
         for_each_key(unit, &self.hasher, |row, key| {
             if wanted.is_valid(row) && wanted.value(row) {
                 if let Some(slot) = key.and_then(|key| self.index.slot(key)) {
-                    slots.push((row, slot));
+                    let in_group = match (&self.groups, hashes) {
+                        (Some(g), Some(h)) => g.chosen(slot, h[row]),
+                        (None, _) => true,
+                        // A group bound with no groups given keeps nothing.
+                        (Some(_), None) => false,
+                    };
+                    if in_group {
+                        slots.push((row, slot));
+                    }
                 }
             }
         })?;
@@ -373,17 +518,31 @@ pub(super) async fn select(
         None
     };
     let mut counter = Counter::new(max_rows, range);
+    let mut projection = vec![column];
+    if let Some(g) = &unit.groups {
+        counter = counter.with_groups(usize::try_from(g.max_groups).map_err(|_| internal())?);
+        for c in &g.columns {
+            projection.push(scan_column(source, c)?);
+        }
+    }
     counter
         .account_in(&session.memory_pool())
         .map_err(|_| query_failed())?;
     let plan = LogicalPlanBuilder::from(source.clone())
-        .project(vec![column])
+        .project(projection)
         .and_then(|b| b.build())
         .map_err(|_| internal())?;
+    let grouped = unit.groups.is_some();
     session
         .for_each_batch(plan, |batch| {
-            counter
-                .add(batch.column(0))
+            let counted = if grouped {
+                counter
+                    .group_hashes(&batch.columns()[1..])
+                    .and_then(|h| counter.add_grouped(batch.column(0), &h))
+            } else {
+                counter.add(batch.column(0))
+            };
+            counted
                 .and_then(|()| counter.account(0))
                 .map_err(|_| crate::engine::EngineError::Execution)
         })
@@ -414,11 +573,15 @@ pub(super) fn bound_contributions(
             .into_iter()
             .reduce(Expr::and)
             .unwrap_or_else(|| lit(true));
+        let mut args = vec![unit_column(plan, unit)?, predicate];
+        for c in unit.groups.iter().flat_map(|g| &g.columns) {
+            args.push(scan_column(plan, c)?);
+        }
         let keep = ScalarUDF::new_from_impl(Keep {
             selection: selection.clone(),
-            signature: Signature::any(2, Volatility::Volatile),
+            signature: Signature::any(args.len(), Volatility::Volatile),
         })
-        .call(vec![unit_column(plan, unit)?, predicate]);
+        .call(args);
         return LogicalPlanBuilder::from(scan.clone())
             .filter(keep)
             .and_then(|b| b.build())
@@ -455,9 +618,14 @@ fn scan_with_filters(plan: &LogicalPlan) -> bool {
 
 /// The scan's own unit column: a scan cannot rename, so this is the catalogue's column.
 fn unit_column(plan: &LogicalPlan, unit: &UnitBound) -> Result<Expr, GateError> {
+    scan_column(plan, &unit.column)
+}
+
+/// The scan's column called `name`.
+fn scan_column(plan: &LogicalPlan, name: &str) -> Result<Expr, GateError> {
     let (qualifier, field) = plan
         .schema()
-        .qualified_field_with_unqualified_name(&unit.column)
+        .qualified_field_with_unqualified_name(name)
         .map_err(|_| internal())?;
     Ok(Expr::Column(Column::new(qualifier.cloned(), field.name())))
 }
@@ -510,7 +678,7 @@ impl ScalarUDFImpl for Keep {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let [unit, wanted] = args.args.as_slice() else {
+        let [unit, wanted, groups @ ..] = args.args.as_slice() else {
             return internal_err!("unseen_keep takes the person column and the query's filter");
         };
         let unit = unit.to_array(args.number_rows)?;
@@ -518,16 +686,24 @@ impl ScalarUDFImpl for Keep {
         let Some(wanted) = wanted.as_boolean_opt() else {
             return internal_err!("unseen_keep's filter is not boolean");
         };
-        Ok(ColumnarValue::Array(Arc::new(
-            self.selection.keep(&unit, wanted)?,
-        )))
+        let kept = if groups.is_empty() {
+            self.selection.keep(&unit, wanted)?
+        } else {
+            let columns = groups
+                .iter()
+                .map(|g| g.to_array(args.number_rows))
+                .collect::<Result<Vec<_>>>()?;
+            let hashes = self.selection.group_hashes(&columns)?;
+            self.selection.keep_grouped(&unit, wanted, &hashes)?
+        };
+        Ok(ColumnarValue::Array(Arc::new(kept)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::Int64Array;
+    use arrow::array::{Int64Array, StringArray};
 
     fn ids(v: Vec<i64>) -> ArrayRef {
         Arc::new(Int64Array::from(v))
@@ -683,5 +859,66 @@ mod tests {
         assert!(pool.reserved() >= 1000 * 8);
         drop(selection);
         assert_eq!(pool.reserved(), 0);
+    }
+
+    /// One person with 3 rows in each of 10 groups, g = 2, k = 4: exactly 4 rows kept, all in
+    /// at most 2 groups, and every group kept equally often over trials (the g groups are a
+    /// uniformly random choice). A person with g groups or fewer loses no group.
+    #[test]
+    fn group_bounds_keep_rows_of_at_most_g_groups_chosen_at_random() {
+        let (groups, per, g, k, trials) = (10usize, 3usize, 2usize, 4u32, 2000);
+        let n = groups * per;
+        let person = ids(vec![7; n]);
+        let cells: ArrayRef = Arc::new(StringArray::from(
+            (0..n)
+                .map(|i| format!("c{}", i % groups))
+                .collect::<Vec<_>>(),
+        ));
+        let everything = BooleanArray::from(vec![true; n]);
+        let mut seen = vec![0u32; groups];
+        for table in 0..2 {
+            for _ in 0..trials {
+                let counter = counters(k, 7, 7, n as u64).into_iter().nth(table).unwrap();
+                let mut counter = counter.with_groups(g);
+                let h = counter.group_hashes(&[cells.clone()]).unwrap();
+                counter.add_grouped(&person, &h).unwrap();
+                let s = counter.finish().unwrap();
+                let h = s.group_hashes(&[cells.clone()]).unwrap();
+                let kept = s.keep_grouped(&person, &everything, &h).unwrap();
+                let rows: Vec<usize> = (0..n).filter(|&i| kept.value(i)).collect();
+                assert_eq!(
+                    rows.len(),
+                    k as usize,
+                    "6 rows in the chosen groups, k of them"
+                );
+                let mut in_groups: Vec<usize> = rows.iter().map(|i| i % groups).collect();
+                in_groups.dedup();
+                in_groups.sort();
+                in_groups.dedup();
+                assert!(in_groups.len() <= g, "{in_groups:?}");
+                in_groups.iter().for_each(|c| seen[*c] += 1);
+            }
+        }
+        let mean = f64::from(seen.iter().sum::<u32>()) / groups as f64;
+        assert!(
+            seen.iter()
+                .all(|&c| (f64::from(c) - mean).abs() < 0.15 * mean),
+            "each group equally often: {seen:?}"
+        );
+        // Two groups, one row each: with g = 2 both rows stay.
+        let few: ArrayRef = Arc::new(StringArray::from(vec!["a", "b"]));
+        let mut counter = counters(k, 7, 7, 2)
+            .into_iter()
+            .nth(1)
+            .unwrap()
+            .with_groups(g);
+        let h = counter.group_hashes(&[few.clone()]).unwrap();
+        counter.add_grouped(&ids(vec![7, 7]), &h).unwrap();
+        let s = counter.finish().unwrap();
+        let h = s.group_hashes(&[few]).unwrap();
+        let kept = s
+            .keep_grouped(&ids(vec![7, 7]), &BooleanArray::from(vec![true; 2]), &h)
+            .unwrap();
+        assert_eq!(kept.true_count(), 2);
     }
 }

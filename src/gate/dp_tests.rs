@@ -210,7 +210,7 @@ fn poisson_tail(mean: f64, hits: usize) -> f64 {
 #[test]
 fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught() {
     let (claim, delta) = (0.5, 1e-6);
-    let proper = calibrate_threshold(claim, delta, 1, 0).unwrap();
+    let proper = calibrate_threshold(claim, delta, 1, 1, 0).unwrap();
     let low = threshold_mechanism(proper.scale, 1).unwrap();
     for (m, should_pass) in [(&proper.measurement, true), (&low, false)] {
         // N datasets of one row in a fresh key each, at once: keys are noised independently.
@@ -225,7 +225,7 @@ fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught
         );
     }
 
-    let broken = calibrate_threshold(2.0 * claim, delta, 1, 0).unwrap();
+    let broken = calibrate_threshold(2.0 * claim, delta, 1, 1, 0).unwrap();
     for (t, should_pass) in [(&proper, true), (&broken, false)] {
         let draws = |count: i64| -> Vec<i64> {
             let input: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), count)).collect();

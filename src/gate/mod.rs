@@ -582,6 +582,7 @@ impl Gate {
                 per_measure.amount(),
                 delta,
                 shape.rows_per_unit(),
+                shape.groups_per_unit(),
                 min_group,
             )?)
         } else {
@@ -653,8 +654,12 @@ impl Gate {
                 .collect::<Vec<_>>()
                 .join(","),
             shape.unit.as_ref().map_or(String::new(), |u| format!(
-                ";≤{} rows per {}",
-                u.max_rows, u.column
+                ";≤{} rows{} per {}",
+                u.max_rows,
+                u.groups
+                    .as_ref()
+                    .map_or(String::new(), |g| format!(" in ≤{} groups", g.max_groups)),
+                u.column
             )) + &threshold.as_ref().map_or(String::new(), |t| format!(
                 ";keys by noisy count ≥ {}",
                 t.threshold

@@ -317,16 +317,19 @@ pub(super) struct Threshold {
 /// The Laplace scale that spends at most `epsilon` and the smallest threshold (never below the
 /// minimum group size) that spends at most `delta`, both by OpenDP's privacy map of the
 /// threshold mechanism at `d_in` = (groups one unit can touch, rows it can add in all, rows it
-/// can add to one group) = (k, k, k) after contribution bounding.
+/// can add to one group) = (g, k, k) after contribution bounding (g = k without a group bound).
 pub(super) fn calibrate_threshold(
     epsilon: f64,
     delta: f64,
     rows_per_unit: u64,
+    groups_per_unit: u64,
     min_group: u64,
 ) -> Result<Threshold, GateError> {
-    let k = u32::try_from(rows_per_unit)
-        .map_err(|_| GateError::Mechanism("the per-person row bound is too large".into()))?;
-    let d_in = (k, i64::from(k), i64::from(k));
+    let too_large =
+        |_| GateError::Mechanism("the per-person row or group bound is too large".into());
+    let k = u32::try_from(rows_per_unit).map_err(too_large)?;
+    let g = u32::try_from(groups_per_unit.min(rows_per_unit)).map_err(too_large)?;
+    let d_in = (g, i64::from(k), i64::from(k));
     let make = threshold_mechanism;
     const HIGHEST: i64 = 1 << 40;
     let mut scale = (f64::from(k) / epsilon).max(f64::MIN_POSITIVE);
@@ -390,9 +393,9 @@ mod tests {
 
     #[test]
     fn partition_selection_thresholds_grow_with_smaller_delta_and_larger_k() {
-        let t6 = calibrate_threshold(0.5, 1e-6, 1, 0).unwrap();
-        let t9 = calibrate_threshold(0.5, 1e-9, 1, 0).unwrap();
-        let k10 = calibrate_threshold(0.5, 1e-6, 10, 0).unwrap();
+        let t6 = calibrate_threshold(0.5, 1e-6, 1, 1, 0).unwrap();
+        let t9 = calibrate_threshold(0.5, 1e-9, 1, 1, 0).unwrap();
+        let k10 = calibrate_threshold(0.5, 1e-6, 10, 10, 0).unwrap();
         assert!(
             t6.epsilon <= 0.5 && t6.delta <= 1e-6,
             "{} {}",
@@ -404,9 +407,25 @@ mod tests {
         assert!((20..40).contains(&t6.threshold), "{}", t6.threshold);
         assert!(t9.threshold > t6.threshold);
         assert!(k10.threshold > 5 * t6.threshold && (k10.scale - 20.0).abs() < 1e-5);
+        // At most one group per person (of their ten rows): same ε, so the same scale, but
+        // one group's worth of δ: a lower threshold, within ln(10)·scale of it.
+        let g1 = calibrate_threshold(0.5, 1e-6, 10, 1, 0).unwrap();
+        assert!((g1.scale - k10.scale).abs() < 1e-9 && g1.delta <= 1e-6);
+        assert!(
+            g1.threshold < k10.threshold,
+            "{} {}",
+            g1.threshold,
+            k10.threshold
+        );
+        assert!(
+            (k10.threshold - g1.threshold) as f64 <= 10f64.ln() * k10.scale + 1.0,
+            "{} {}",
+            g1.threshold,
+            k10.threshold
+        );
         // The minimum group size is a floor.
         assert_eq!(
-            calibrate_threshold(0.5, 1e-6, 1, 500).unwrap().threshold,
+            calibrate_threshold(0.5, 1e-6, 1, 1, 500).unwrap().threshold,
             500
         );
         // Released groups are those whose noisy count clears the threshold.
@@ -429,7 +448,7 @@ mod tests {
         assert!(values.iter().zip(&noisy).all(|(v, n)| (v - n).abs() < 100));
         assert_ne!(values, noisy, "noise was added");
 
-        let t = calibrate_threshold(1.0, 1e-6, 1, 0).unwrap();
+        let t = calibrate_threshold(1.0, 1e-6, 1, 1, 0).unwrap();
         let counts: HashMap<String, i64> = (0..3000)
             .map(|i| (format!("k{i}"), if i % 2 == 0 { 10_000 } else { 0 }))
             .collect();

@@ -13,7 +13,7 @@ use unseen_guest::contract::{ColumnKind, QueryRequest};
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 
-use super::bound::UnitBound;
+use super::bound::{GroupBound, UnitBound};
 use super::{GateError, JobGrant};
 use crate::catalog::{KeyValue, OpenAttribute};
 use crate::sandbox::functions::{UdfMode, WasmUdf};
@@ -335,6 +335,17 @@ impl QueryShape {
         self.unit.as_ref().map_or(1, |u| u.max_rows)
     }
 
+    /// How many groups one privacy unit's rows can fall in after bounding (partition
+    /// selection's l0 distance).
+    pub fn groups_per_unit(&self) -> u64 {
+        match &self.unit {
+            Some(UnitBound {
+                groups: Some(g), ..
+            }) => g.max_groups,
+            _ => self.rows_per_unit(),
+        }
+    }
+
     /// Whether some group column has no public key set: then the released groups are chosen
     /// by DP partition selection, for all columns together.
     pub fn private_keys(&self) -> bool {
@@ -415,7 +426,7 @@ pub fn analyse(
             format!("dataset {:?} is closed (不予开放)", policy.id),
         ));
     }
-    let unit = unit_bound(policy, grant, request)?;
+    let mut unit = unit_bound(policy, grant, request)?;
 
     let mut groups = Vec::new();
     for g in group_expr {
@@ -469,6 +480,11 @@ pub fn analyse(
                 "the public keys give {n_groups} groups; at most {MAX_GROUPS} may be released at once"
             ),
         ));
+    }
+
+    let group_bound = group_bound(policy, grant, request, unit.as_ref(), &groups, input)?;
+    if let Some(unit) = unit.as_mut() {
+        unit.groups = group_bound;
     }
 
     let schema = input.schema();
@@ -720,7 +736,91 @@ fn unit_bound(
     Ok(Some(UnitBound {
         column: policy.privacy_unit.clone(),
         max_rows: k,
+        groups: None,
     }))
+}
+
+/// The bound on groups per person, where it lowers the price: for a person-level dataset,
+/// keys chosen by partition selection, and the catalogue's, the scenario's or the query's `g`
+/// below `k` (with at most k rows a person reaches at most k groups anyway). Applied when the
+/// groups are the scan's own columns, grouped on directly; a query that asks for it where it
+/// cannot apply or changes nothing is refused, so no one believes it applied.
+fn group_bound(
+    policy: &crate::catalog::DatasetPolicy,
+    grant: &JobGrant,
+    request: &QueryRequest,
+    unit: Option<&UnitBound>,
+    groups: &[GroupSpec],
+    input: &LogicalPlan,
+) -> Result<Option<GroupBound>, GateError> {
+    let asked = request.max_groups_per_unit;
+    let refuse_asked = |why: String| -> Result<Option<GroupBound>, GateError> {
+        match asked {
+            Some(_) => Err(refuse("invalid_group_bound", why)),
+            None => Ok(None),
+        }
+    };
+    let Some(unit) = unit else {
+        return refuse_asked(format!(
+            "dataset {:?} protects each row, and a row is in one group; drop max_groups_per_unit",
+            policy.id
+        ));
+    };
+    let allowed = [
+        policy.max_groups_per_unit,
+        grant.scenario.application.max_groups_per_unit,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let g = match (asked, allowed) {
+        (Some(q), Some(a)) if q == 0 || q > a => {
+            return Err(refuse(
+                "invalid_group_bound",
+                format!(
+                    "max_groups_per_unit {q}: must be 1 to {a}, the bound the catalogue and the scenario allow"
+                ),
+            ));
+        }
+        (Some(0), None) => {
+            return Err(refuse(
+                "invalid_group_bound",
+                "max_groups_per_unit must be at least 1",
+            ));
+        }
+        (Some(q), _) => q,
+        (None, Some(a)) => a,
+        (None, None) => return Ok(None),
+    };
+    if groups.iter().all(|g| g.keys.is_some()) {
+        return refuse_asked(
+            "max_groups_per_unit lowers the price of choosing groups from the data; these keys are all public, so it would only drop rows: leave it out".into(),
+        );
+    }
+    if g >= unit.max_rows {
+        return refuse_asked(format!(
+            "max_groups_per_unit {g} changes nothing: with at most {} rows a person reaches at most that many groups; ask for fewer",
+            unit.max_rows
+        ));
+    }
+    let columns: Option<Vec<String>> = groups
+        .iter()
+        .map(|g| match unalias(&g.expr) {
+            Expr::Column(c) => Some(c.name.clone()),
+            _ => None,
+        })
+        .collect();
+    match columns {
+        Some(columns) if super::bound::source(input).is_some_and(|s| std::ptr::eq(s, input)) => {
+            Ok(Some(GroupBound {
+                max_groups: g,
+                columns,
+            }))
+        }
+        _ => refuse_asked(
+            "max_groups_per_unit applies when the query groups by the dataset's own columns directly (no subquery, no computed keys)".into(),
+        ),
+    }
 }
 
 /// The guest UDF a function call runs, if it is one.

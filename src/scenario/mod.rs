@@ -44,8 +44,13 @@ pub struct Application {
     /// catalogue's bound (less noise per query, more rows dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rows_per_unit: Option<u64>,
-    /// Total δ asked for (per dataset), spent only by releases whose group keys are not
-    /// public (DP partition selection). 0: pure ε-DP releases only.
+    /// For person-level datasets: at most this many groups per person where that lowers the
+    /// price (partition selection), lower than the catalogue's bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u64>,
+    /// Total δ asked for (per dataset), spent by releases whose group keys are not public
+    /// (DP partition selection) and by releases under ρ (zCDP, converted to (ε, δ)). 0: pure
+    /// ε-DP releases only.
     #[serde(default)]
     pub delta: f64,
     /// Modules an operator has read and marked reviewed at approval: their UDFs may run in the
@@ -270,6 +275,11 @@ pub fn apply(
             "max_rows_per_unit must be at least 1".into(),
         ));
     }
+    if app.max_groups_per_unit == Some(0) {
+        return Err(ScenarioError::Invalid(
+            "max_groups_per_unit must be at least 1".into(),
+        ));
+    }
     let mut min_group = app.min_group_size;
     for (dataset, cols) in &app.columns {
         let policy = crate::catalog::policy(store, dataset)?.ok_or_else(|| {
@@ -340,6 +350,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Scenario, String)> {
                 valid_from: None,
                 valid_until: None,
                 max_rows_per_unit: None,
+                max_groups_per_unit: None,
                 delta: 0.0,
                 reviewed_modules: Vec::new(),
                 pad_to_seconds: None,

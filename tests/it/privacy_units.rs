@@ -189,3 +189,129 @@ async fn noise_is_calibrated_to_k_rows_and_the_ledger_says_so() {
         "{mechanisms:?}"
     );
 }
+
+/// Person 1 takes 200 trips spread over 20 cells (10 each); persons 2–101 one trip each in
+/// cell "zz". Cells have no public keys: they are chosen by partition selection.
+fn write_cells(path: &std::path::Path) {
+    let mut person = vec![1i64; 200];
+    let mut cell: Vec<String> = (0..200).map(|i| format!("c{:02}", i % 20)).collect();
+    for p in 2..=101 {
+        person.push(p);
+        cell.push("zz".into());
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("person_id", DataType::Int64, false),
+        Field::new("cell", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(person)),
+            Arc::new(StringArray::from(cell)),
+        ],
+    )
+    .unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// At most g groups per person: the exact (unconditional) release shows person 1 in at most
+/// g cells, k rows in all; on conditional data partition selection pays for g groups instead
+/// of k (a lower threshold), and the ledger says so. Asking for g where it changes nothing
+/// is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_person_reaches_at_most_g_groups_and_partition_selection_pays_for_g() {
+    let s = Server::start().await;
+    write_cells(&s.dir.path().join("data/cells.parquet"));
+    for (id, open) in [
+        ("cells_exact", "unconditional"),
+        ("cells_dp", "conditional"),
+    ] {
+        let policy = json!({
+            "id": id, "title": "Cells", "source": "test", "open_attribute": open,
+            "version_date": "2026-11-01", "path": "data/cells.parquet", "table": id,
+            "privacy_unit": "person_id", "max_rows_per_unit": 5, "max_groups_per_unit": 3,
+            "total_epsilon": 100.0, "total_delta": 1e-4, "min_group_size": 0,
+            "columns": {"person_id": {"type": "int64"}, "cell": {"type": "string"}},
+        });
+        let (status, body) = s
+            .call(Method::POST, "/v1/datasets", &s.operator, Some(policy))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let sc = s
+        .approved_application(json!({"purpose": "groups",
+            "columns": {"cells_exact": ["cell"], "cells_dp": ["cell"]},
+            "modules": [module], "epsilon": 50.0, "per_job_epsilon": 50.0, "delta": 1e-4}))
+        .await;
+    let count = |table: &str, g: Option<u64>| {
+        let mut q = json!({"sql": format!("SELECT cell, COUNT(*) AS n FROM {table} GROUP BY cell"),
+            "epsilon": 1.0, "delta": 1e-6});
+        if let Some(g) = g {
+            q["max_groups_per_unit"] = json!(g);
+        }
+        q
+    };
+    let (answers, _) = s
+        .ask(
+            &sc,
+            &module,
+            json!([
+                count("cells_exact", Some(2)),
+                count("cells_exact", Some(1)),
+                count("cells_dp", None),
+                count("cells_dp", Some(1)),
+                count("cells_dp", Some(5)),
+                count("cells_dp", Some(4)),
+            ]),
+        )
+        .await;
+    for (answer, g) in [(&answers[0], 2), (&answers[1], 1)] {
+        let rows = answer["release"]["rows"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"));
+        let mine: Vec<i64> = rows
+            .iter()
+            .filter(|r| r[0] != "zz")
+            .map(|r| r[1].as_i64().unwrap())
+            .filter(|n| *n > 0)
+            .collect();
+        assert!(mine.len() <= g, "g = {g}: person 1 in {mine:?}");
+        assert_eq!(mine.iter().sum::<i64>(), 5, "k rows of the chosen cells");
+        let zz = rows.iter().find(|r| r[0] == "zz").unwrap();
+        assert_eq!(zz[1], 100, "one row each: nobody else loses a row");
+    }
+    // The catalogue's g (3) is below k (5): it applies by default; the query lowers it.
+    let (_, ledger) = s
+        .call(Method::GET, "/v1/ledger?kind=reserve", &s.auditor, None)
+        .await;
+    let mechanisms: Vec<String> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["body"]["mechanism"].as_str().unwrap().to_string())
+        .filter(|m| m.starts_with("laplace-threshold"))
+        .collect();
+    assert_eq!(mechanisms.len(), 2, "{mechanisms:?}");
+    let threshold = |m: &str| -> i64 { m.rsplit("≥ ").next().unwrap().parse().unwrap() };
+    assert!(
+        mechanisms[0].contains("≤5 rows in ≤3 groups per person_id"),
+        "{mechanisms:?}"
+    );
+    assert!(
+        mechanisms[1].contains("≤5 rows in ≤1 groups per person_id"),
+        "{mechanisms:?}"
+    );
+    assert!(
+        threshold(&mechanisms[1]) < threshold(&mechanisms[0]),
+        "{mechanisms:?}"
+    );
+    // g above what the catalogue allows, or no lower than k: refused, nothing spent.
+    for answer in &answers.as_array().unwrap()[4..] {
+        assert_eq!(answer["error"]["code"], "invalid_group_bound", "{answer}");
+    }
+}
