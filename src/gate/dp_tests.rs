@@ -90,7 +90,7 @@ fn gaussian_counts_keep_the_epsilon_delta_debited_and_half_the_noise_is_caught()
     assert!((proper.scale - 40.0).abs() < 1e-3, "{}", proper.scale);
     assert!((broken.scale - 20.0).abs() < 1e-3, "{}", broken.scale);
     assert!(proper.loss <= rho && proper.loss > 0.999 * rho);
-    let claim = super::noise::epsilon_of_rho(proper.loss, delta).unwrap();
+    let claim = super::noise::epsilon_of_rho(proper.loss, 0.0, delta).unwrap();
     // OpenDP's conversion: tighter than the classic ρ + 2√(ρ·ln 1/δ) = 1.64, never tighter
     // than the Gaussian's exact curve (0.92 at this δ).
     let classic = rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt();
@@ -210,12 +210,14 @@ fn poisson_tail(mean: f64, hits: usize) -> f64 {
 #[test]
 fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught() {
     let (claim, delta) = (0.5, 1e-6);
-    let proper = calibrate_threshold(claim, delta, 1, 1, 0).unwrap();
+    let proper = calibrate_threshold(pure(claim), delta, 1, 1, 0).unwrap();
     let low = threshold_mechanism(proper.scale, 1).unwrap();
-    for (m, should_pass) in [(&proper.measurement, true), (&low, false)] {
-        // N datasets of one row in a fresh key each, at once: keys are noised independently.
-        let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();
-        let hits = m.invoke(&fresh).unwrap().len();
+    // N datasets of one row in a fresh key each, at once: keys are noised independently.
+    let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();
+    for (hits, should_pass) in [
+        (proper.invoke(&fresh).unwrap().len(), true),
+        (low.invoke(&fresh).unwrap().len(), false),
+    ] {
         let p = poisson_tail(N as f64 * proper.delta, hits);
         assert_eq!(
             p >= 1e-4,
@@ -224,22 +226,51 @@ fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught
             proper.delta
         );
     }
-
-    let broken = calibrate_threshold(2.0 * claim, delta, 1, 1, 0).unwrap();
+    let broken = calibrate_threshold(pure(2.0 * claim), delta, 1, 1, 0).unwrap();
     for (t, should_pass) in [(&proper, true), (&broken, false)] {
         let draws = |count: i64| -> Vec<i64> {
             let input: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), count)).collect();
-            let out = t.measurement.invoke(&input).unwrap();
+            let out = t.invoke(&input).unwrap();
             assert_eq!(out.len(), N, "far above the threshold every key is kept");
             out.into_values().collect()
         };
         let eps = epsilon_lower_bound(&draws(1001), &draws(1000), 1001);
         assert_eq!(
-            eps <= proper.epsilon,
+            eps <= proper.loss,
             should_pass,
             "scale {}: ε lower bound {eps} against the claim {}",
             t.scale,
-            proper.epsilon
+            proper.loss
+        );
+    }
+}
+
+/// Partition selection under ρ (OpenDP's Gaussian threshold), its δ half: a key one row
+/// brings into being is released with probability at most δ; the twin at threshold 1 (the
+/// least OpenDP allows for one row) is caught.
+#[test]
+fn gaussian_partition_selection_keeps_its_delta_and_a_low_threshold_is_caught() {
+    let delta = 1e-6;
+    let budget = Budget::Concentrated { rho: 0.125, delta };
+    let proper = calibrate_threshold(budget, delta, 1, 1, 0).unwrap();
+    assert!(proper.gaussian() && proper.loss <= 0.125 && proper.delta <= delta);
+    assert!(
+        (proper.scale - 2.0).abs() < 1e-6,
+        "σ = 1/√(2ρ): {}",
+        proper.scale
+    );
+    let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();
+    let low = super::noise::Threshold::for_tests(true, proper.scale, 1);
+    for (hits, should_pass) in [
+        (proper.invoke(&fresh).unwrap().len(), true),
+        (low.invoke(&fresh).unwrap().len(), false),
+    ] {
+        let p = poisson_tail(N as f64 * proper.delta, hits);
+        assert_eq!(
+            p >= 1e-4,
+            should_pass,
+            "{hits} of {N} single-row keys released; P = {p} at δ {}",
+            proper.delta
         );
     }
 }

@@ -551,12 +551,6 @@ impl Gate {
         // Price every measurement before touching data.
         let per_measure = budget.with_amount(budget.amount() / shape.measures.len() as f64);
         let private = shape.private_keys() && !exact;
-        if private && matches!(budget, Budget::Concentrated { .. }) {
-            return Err(GateError::refused(
-                "unsupported_mechanism",
-                "the groups' keys are not public, and they are chosen by the Laplace threshold under ε: give \"epsilon\" (and \"delta\") instead of \"rho\" for this query, or group by public keys",
-            ));
-        }
         let threshold = if private {
             let delta = request.delta.ok_or_else(|| {
                 GateError::refused(
@@ -578,9 +572,14 @@ impl Gate {
                 .min_group_size
                 .unwrap_or(0)
                 .max(policy.min_group_size);
+            // Under ρ the threshold takes half of δ; converting ρ to ε takes the rest.
+            let threshold_delta = match budget {
+                Budget::Pure { .. } => delta,
+                Budget::Concentrated { .. } => delta / 2.0,
+            };
             Some(calibrate_threshold(
-                per_measure.amount(),
-                delta,
+                per_measure,
+                threshold_delta,
                 shape.rows_per_unit(),
                 shape.groups_per_unit(),
                 min_group,
@@ -621,7 +620,7 @@ impl Gate {
         // What the measurements spend in the budget's measure: ε, or ρ (both add up).
         let loss: f64 = calibrated.iter().flatten().map(|c| c.loss).sum::<f64>()
             + quantiles.iter().flatten().map(|q| q.loss).sum::<f64>()
-            + threshold.as_ref().map_or(0.0, |t| t.epsilon);
+            + threshold.as_ref().map_or(0.0, |t| t.loss);
         // As the ledger will record them (δ a short decimal, never below the mechanism's).
         let (epsilon, delta, rho) = match budget {
             _ if exact => (0.0, 0.0, None),
@@ -633,7 +632,7 @@ impl Gate {
                 None,
             ),
             Budget::Concentrated { delta, .. } => (
-                noise::epsilon_of_rho(loss, delta)?,
+                noise::epsilon_of_rho(loss, threshold.as_ref().map_or(0.0, |t| t.delta), delta)?,
                 crate::ledger::short_decimal_at_least(delta),
                 Some(loss),
             ),
@@ -643,8 +642,9 @@ impl Gate {
             "{}:{}{}",
             match budget {
                 _ if exact => "exact",
-                _ if private => "laplace-threshold",
+                Budget::Pure { .. } if private => "laplace-threshold",
                 Budget::Pure { .. } => "laplace",
+                Budget::Concentrated { .. } if private => "gaussian-threshold",
                 Budget::Concentrated { .. } => "gaussian",
             },
             shape
@@ -1024,8 +1024,8 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
                         c.scale / shape.measures[*measure].fixed_point(),
                         pricing.budget,
                     ),
-                    // The threshold mechanism's Laplace noise.
-                    (Some(None), Some(t)) => (t.scale, Budget::Pure { epsilon: t.epsilon }),
+                    // The threshold mechanism's noise, of the budget's kind.
+                    (Some(None), Some(t)) => (t.scale, pricing.budget),
                     _ => (0.0, pricing.budget),
                 };
                 ReleasedColumn {

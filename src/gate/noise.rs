@@ -8,10 +8,13 @@ use std::collections::HashMap;
 use opendp::combinators::{make_fix_delta, make_zCDP_to_approxDP};
 use opendp::core::{Function, Measurement, PrivacyMap, Transformation};
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
-use opendp::measurements::{make_gaussian, make_laplace, make_laplace_threshold};
+use opendp::measurements::{
+    make_gaussian, make_gaussian_threshold, make_laplace, make_laplace_threshold,
+};
 use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
 use opendp::metrics::{
-    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, L2Distance, SymmetricDistance,
+    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, L2Distance, L02InfDistance,
+    SymmetricDistance,
 };
 
 use super::{GateError, MeasureSpec};
@@ -176,16 +179,17 @@ pub(super) fn calibrate(
 }
 
 /// The ε a release that spends `rho` (its measurements' ρ added up: zCDP composes by
-/// addition) costs at `delta`, by OpenDP's conversion from zCDP to approximate DP.
-pub(super) fn epsilon_of_rho(rho: f64, delta: f64) -> Result<f64, GateError> {
+/// addition) and `fixed_delta` besides (a Gaussian threshold's) costs at `delta` in all, by
+/// OpenDP's conversion from zCDP to approximate DP.
+pub(super) fn epsilon_of_rho(rho: f64, fixed_delta: f64, delta: f64) -> Result<f64, GateError> {
     // The release's composition as one measurement whose privacy map is that sum, for
-    // OpenDP's conversion and its choice of the tightest ε at δ.
+    // OpenDP's conversion and its choice of the tightest ε at the δ left over.
     let composed = Measurement::new(
         AtomDomain::<i64>::default(),
         AbsoluteDistance::<i64>::default(),
-        ZeroConcentratedDivergence,
+        Approximate(ZeroConcentratedDivergence),
         Function::new(|x: &i64| *x),
-        PrivacyMap::new(move |_: &i64| rho),
+        PrivacyMap::new(move |_: &i64| (rho, fixed_delta)),
     )?;
     let approximate = make_fix_delta(&make_zCDP_to_approxDP(composed)?, delta)?;
     let (epsilon, spent_delta) = approximate.map(&1)?;
@@ -216,6 +220,24 @@ pub(super) fn threshold_mechanism(
     threshold: i64,
 ) -> opendp::error::Fallible<ThresholdMeasurement> {
     make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+        MapDomain::new(
+            AtomDomain::<String>::default(),
+            AtomDomain::<i64>::default(),
+        ),
+        L0PInfDistance(AbsoluteDistance::<i64>::default()),
+        scale,
+        threshold,
+        None,
+    )
+}
+
+/// OpenDP's Gaussian threshold mechanism on counts per key (under zCDP): the one place it is
+/// built.
+fn gaussian_threshold_mechanism(
+    scale: f64,
+    threshold: i64,
+) -> opendp::error::Fallible<GaussianThresholdMeasurement> {
+    make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
         MapDomain::new(
             AtomDomain::<String>::default(),
             AtomDomain::<i64>::default(),
@@ -273,23 +295,50 @@ impl Calibrated {
 }
 
 impl Threshold {
+    /// The threshold mechanism applied to `counts`, on this core (tests draw N at once).
+    #[cfg(test)]
+    pub(super) fn invoke(
+        &self,
+        counts: &HashMap<String, i64>,
+    ) -> opendp::error::Fallible<HashMap<String, i64>> {
+        self.noise.invoke(counts)
+    }
+
+    /// A threshold mechanism of either kind at a given scale and threshold, priced at nothing
+    /// (a broken twin for the statistical tests).
+    #[cfg(test)]
+    pub(super) fn for_tests(gaussian: bool, scale: f64, threshold: i64) -> Self {
+        Threshold {
+            noise: ThresholdNoise::build(gaussian, scale, threshold).expect("a mechanism"),
+            scale,
+            threshold,
+            loss: 0.0,
+            delta: 0.0,
+        }
+    }
+
+    /// Whether the noise is Gaussian (the budget is ρ).
+    pub(super) fn gaussian(&self) -> bool {
+        matches!(self.noise, ThresholdNoise::Gaussian(_))
+    }
+
     /// The threshold mechanism applied to `counts`.
     pub(super) fn draw(
         &self,
         counts: HashMap<String, i64>,
     ) -> Result<HashMap<String, i64>, GateError> {
         if counts.len() < PARALLEL_DRAWS {
-            return Ok(self.measurement.invoke(&counts)?);
+            return Ok(self.noise.invoke(&counts)?);
         }
         let mut i = 0usize;
         let (left, right): (HashMap<_, _>, HashMap<_, _>) = counts.into_iter().partition(|_| {
             i += 1;
             i % 2 == 0
         });
-        let (scale, threshold) = (self.scale, self.threshold);
+        let (gaussian, scale, threshold) = (self.gaussian(), self.scale, self.threshold);
         let (mine, theirs) = on_two_cores(
-            || self.measurement.invoke(&left),
-            move || threshold_mechanism(scale, threshold)?.invoke(&right),
+            || self.noise.invoke(&left),
+            move || ThresholdNoise::build(gaussian, scale, threshold)?.invoke(&right),
         )?;
         let mut out = mine?;
         out.extend(theirs?);
@@ -304,22 +353,65 @@ pub(super) type ThresholdMeasurement = Measurement<
     HashMap<String, i64>,
 >;
 
-/// DP partition selection: OpenDP's Laplace threshold mechanism over the exact row counts of
-/// the groups the data has.
+type GaussianThresholdMeasurement = Measurement<
+    MapDomain<AtomDomain<String>, AtomDomain<i64>>,
+    L02InfDistance<AbsoluteDistance<i64>>,
+    Approximate<ZeroConcentratedDivergence>,
+    HashMap<String, i64>,
+>;
+
+/// A threshold mechanism of either kind.
+enum ThresholdNoise {
+    Laplace(ThresholdMeasurement),
+    Gaussian(GaussianThresholdMeasurement),
+}
+
+impl ThresholdNoise {
+    fn build(gaussian: bool, scale: f64, threshold: i64) -> opendp::error::Fallible<Self> {
+        Ok(if gaussian {
+            ThresholdNoise::Gaussian(gaussian_threshold_mechanism(scale, threshold)?)
+        } else {
+            ThresholdNoise::Laplace(threshold_mechanism(scale, threshold)?)
+        })
+    }
+
+    /// (ε or ρ, δ) at `d_in` = (l0, l1 or l2, l∞).
+    fn map(&self, d_in: &(u32, i64, i64)) -> opendp::error::Fallible<(f64, f64)> {
+        match self {
+            ThresholdNoise::Laplace(m) => m.map(d_in),
+            ThresholdNoise::Gaussian(m) => m.map(d_in),
+        }
+    }
+
+    fn invoke(
+        &self,
+        counts: &HashMap<String, i64>,
+    ) -> opendp::error::Fallible<HashMap<String, i64>> {
+        match self {
+            ThresholdNoise::Laplace(m) => m.invoke(counts),
+            ThresholdNoise::Gaussian(m) => m.invoke(counts),
+        }
+    }
+}
+
+/// DP partition selection: OpenDP's threshold mechanism (Laplace under ε, Gaussian under ρ)
+/// over the exact row counts of the groups the data has.
 pub(super) struct Threshold {
-    pub measurement: ThresholdMeasurement,
+    noise: ThresholdNoise,
     pub scale: f64,
     pub threshold: i64,
-    pub epsilon: f64,
+    /// What it spends in the budget's measure: ε, or ρ.
+    pub loss: f64,
     pub delta: f64,
 }
 
-/// The Laplace scale that spends at most `epsilon` and the smallest threshold (never below the
-/// minimum group size) that spends at most `delta`, both by OpenDP's privacy map of the
-/// threshold mechanism at `d_in` = (groups one unit can touch, rows it can add in all, rows it
-/// can add to one group) = (g, k, k) after contribution bounding (g = k without a group bound).
+/// The noise scale that spends at most the `budget` share and the smallest threshold (never
+/// below the minimum group size) that spends at most `delta`, both by OpenDP's privacy map of
+/// the threshold mechanism at `d_in` = (groups one unit can touch, rows it can add in all,
+/// rows it can add to one group) = (g, k, k) after contribution bounding (g = k without a
+/// group bound). Under ρ the rows it can add in all are an L2 distance, which k bounds too.
 pub(super) fn calibrate_threshold(
-    epsilon: f64,
+    budget: Budget,
     delta: f64,
     rows_per_unit: u64,
     groups_per_unit: u64,
@@ -330,22 +422,27 @@ pub(super) fn calibrate_threshold(
     let k = u32::try_from(rows_per_unit).map_err(too_large)?;
     let g = u32::try_from(groups_per_unit.min(rows_per_unit)).map_err(too_large)?;
     let d_in = (g, i64::from(k), i64::from(k));
-    let make = threshold_mechanism;
+    let (gaussian, target, mut scale) = match budget {
+        Budget::Pure { epsilon } => (false, epsilon, f64::from(k) / epsilon),
+        Budget::Concentrated { rho, .. } => (true, rho, f64::from(k) / (2.0 * rho).sqrt()),
+    };
+    let make = |scale: f64, threshold: i64| ThresholdNoise::build(gaussian, scale, threshold);
     const HIGHEST: i64 = 1 << 40;
-    let mut scale = (f64::from(k) / epsilon).max(f64::MIN_POSITIVE);
+    scale = scale.max(f64::MIN_POSITIVE);
     let mut fitted = None;
     for _ in 0..16 {
-        if make(scale, HIGHEST)?.map(&d_in)?.0 <= epsilon {
+        if make(scale, HIGHEST)?.map(&d_in)?.0 <= target {
             fitted = Some(scale);
             break;
         }
         scale *= 1.0 + 1e-9;
     }
     let scale = fitted.ok_or_else(|| {
-        GateError::Mechanism("could not fit the noise scale under the requested ε".into())
+        GateError::Mechanism("could not fit the noise scale under the requested budget".into())
     })?;
     let spends = |t: i64| -> Result<bool, GateError> { Ok(make(scale, t)?.map(&d_in)?.1 <= delta) };
-    let (mut lo, mut hi) = ((min_group as i64).max(1), HIGHEST);
+    // OpenDP's maps need a threshold of at least the rows one unit can add to one group.
+    let (mut lo, mut hi) = ((min_group as i64).max(1).max(i64::from(k)), HIGHEST);
     if !spends(hi)? {
         return Err(GateError::Mechanism(
             "no threshold keeps δ under the requested value".into(),
@@ -359,18 +456,18 @@ pub(super) fn calibrate_threshold(
             lo = mid + 1;
         }
     }
-    let measurement = make(scale, lo)?;
-    let (spent_epsilon, spent_delta) = measurement.map(&d_in)?;
-    if spent_epsilon > epsilon || spent_delta > delta {
+    let noise = make(scale, lo)?;
+    let (spent, spent_delta) = noise.map(&d_in)?;
+    if spent > target || spent_delta > delta {
         return Err(GateError::Mechanism(
-            "the threshold mechanism does not fit the requested ε and δ".into(),
+            "the threshold mechanism does not fit the requested budget and δ".into(),
         ));
     }
     Ok(Threshold {
-        measurement,
+        noise,
         scale,
         threshold: lo,
-        epsilon: spent_epsilon,
+        loss: spent,
         delta: spent_delta,
     })
 }
@@ -393,13 +490,13 @@ mod tests {
 
     #[test]
     fn partition_selection_thresholds_grow_with_smaller_delta_and_larger_k() {
-        let t6 = calibrate_threshold(0.5, 1e-6, 1, 1, 0).unwrap();
-        let t9 = calibrate_threshold(0.5, 1e-9, 1, 1, 0).unwrap();
-        let k10 = calibrate_threshold(0.5, 1e-6, 10, 10, 0).unwrap();
+        let t6 = calibrate_threshold(pure(0.5), 1e-6, 1, 1, 0).unwrap();
+        let t9 = calibrate_threshold(pure(0.5), 1e-9, 1, 1, 0).unwrap();
+        let k10 = calibrate_threshold(pure(0.5), 1e-6, 10, 10, 0).unwrap();
         assert!(
-            t6.epsilon <= 0.5 && t6.delta <= 1e-6,
+            t6.loss <= 0.5 && t6.delta <= 1e-6,
             "{} {}",
-            t6.epsilon,
+            t6.loss,
             t6.delta
         );
         assert!((t6.scale - 2.0).abs() < 1e-6);
@@ -409,7 +506,7 @@ mod tests {
         assert!(k10.threshold > 5 * t6.threshold && (k10.scale - 20.0).abs() < 1e-5);
         // At most one group per person (of their ten rows): same ε, so the same scale, but
         // one group's worth of δ: a lower threshold, within ln(10)·scale of it.
-        let g1 = calibrate_threshold(0.5, 1e-6, 10, 1, 0).unwrap();
+        let g1 = calibrate_threshold(pure(0.5), 1e-6, 10, 1, 0).unwrap();
         assert!((g1.scale - k10.scale).abs() < 1e-9 && g1.delta <= 1e-6);
         assert!(
             g1.threshold < k10.threshold,
@@ -425,13 +522,15 @@ mod tests {
         );
         // The minimum group size is a floor.
         assert_eq!(
-            calibrate_threshold(0.5, 1e-6, 1, 1, 500).unwrap().threshold,
+            calibrate_threshold(pure(0.5), 1e-6, 1, 1, 500)
+                .unwrap()
+                .threshold,
             500
         );
         // Released groups are those whose noisy count clears the threshold.
         let counts: HashMap<String, i64> =
             [("big".to_string(), 10_000), ("tiny".to_string(), 1)].into();
-        let out = t6.measurement.invoke(&counts).unwrap();
+        let out = t6.invoke(&counts).unwrap();
         assert!(
             out.contains_key("big") && !out.contains_key("tiny"),
             "{out:?}"
@@ -448,7 +547,7 @@ mod tests {
         assert!(values.iter().zip(&noisy).all(|(v, n)| (v - n).abs() < 100));
         assert_ne!(values, noisy, "noise was added");
 
-        let t = calibrate_threshold(1.0, 1e-6, 1, 1, 0).unwrap();
+        let t = calibrate_threshold(pure(1.0), 1e-6, 1, 1, 0).unwrap();
         let counts: HashMap<String, i64> = (0..3000)
             .map(|i| (format!("k{i}"), if i % 2 == 0 { 10_000 } else { 0 }))
             .collect();
@@ -506,10 +605,12 @@ mod tests {
         assert!((ci95(z(0.5), 2.0) - 3.92).abs() < 1e-3);
         // ρ → ε at δ by OpenDP: above ρ, below the classic ρ + 2√(ρ·ln 1/δ), larger for
         // larger ρ or smaller δ.
-        let e = epsilon_of_rho(0.5, 1e-6).unwrap();
+        let e = epsilon_of_rho(0.5, 0.0, 1e-6).unwrap();
         assert!(e > 0.5 && e < 0.5 + 2.0 * (0.5 * 1e6f64.ln()).sqrt(), "{e}");
-        assert!(epsilon_of_rho(1.0, 1e-6).unwrap() > e);
-        assert!(epsilon_of_rho(0.5, 1e-9).unwrap() > e);
+        assert!(epsilon_of_rho(1.0, 0.0, 1e-6).unwrap() > e);
+        assert!(epsilon_of_rho(0.5, 0.0, 1e-9).unwrap() > e);
+        // δ already spent elsewhere (a Gaussian threshold's) leaves less for the conversion.
+        assert!(epsilon_of_rho(0.5, 5e-7, 1e-6).unwrap() > e);
         // Gaussian draws on two cores, each group in its place: σ 1, off by 12 has
         // probability ~1e-32.
         let values: Vec<i64> = (0..3001).map(|i| i * 1_000).collect();
