@@ -25,7 +25,8 @@ use datafusion::logical_expr::lit;
 
 use super::bound::Counter;
 use super::noise::Budget;
-use super::{MeasureSpec, calibrate, calibrate_threshold, threshold_mechanism};
+use super::noise::Threshold;
+use super::{MeasureSpec, calibrate, calibrate_threshold};
 
 fn pure(epsilon: f64) -> Budget {
     Budget::Pure { epsilon }
@@ -211,21 +212,8 @@ fn poisson_tail(mean: f64, hits: usize) -> f64 {
 fn partition_selection_keeps_its_delta_and_epsilon_and_low_thresholds_are_caught() {
     let (claim, delta) = (0.5, 1e-6);
     let proper = calibrate_threshold(pure(claim), delta, 1, 1, 0).unwrap();
-    let low = threshold_mechanism(proper.scale, 1).unwrap();
-    // N datasets of one row in a fresh key each, at once: keys are noised independently.
-    let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();
-    for (hits, should_pass) in [
-        (proper.invoke(&fresh).unwrap().len(), true),
-        (low.invoke(&fresh).unwrap().len(), false),
-    ] {
-        let p = poisson_tail(N as f64 * proper.delta, hits);
-        assert_eq!(
-            p >= 1e-4,
-            should_pass,
-            "{hits} of {N} single-row keys released; P = {p} at δ {}",
-            proper.delta
-        );
-    }
+    delta_check(&proper, &Threshold::for_tests(false, proper.scale, 1));
+
     let broken = calibrate_threshold(pure(2.0 * claim), delta, 1, 1, 0).unwrap();
     for (t, should_pass) in [(&proper, true), (&broken, false)] {
         let draws = |count: i64| -> Vec<i64> {
@@ -259,12 +247,15 @@ fn gaussian_partition_selection_keeps_its_delta_and_a_low_threshold_is_caught() 
         "σ = 1/√(2ρ): {}",
         proper.scale
     );
+    delta_check(&proper, &Threshold::for_tests(true, proper.scale, 1));
+}
+
+/// A threshold's δ claim: of N keys one row brings into being (each dataset of one row in a
+/// fresh key, noised independently), `proper` releases about N·δ at most; `low` is caught.
+fn delta_check(proper: &Threshold, low: &Threshold) {
     let fresh: HashMap<String, i64> = (0..N).map(|i| (format!("k{i}"), 1)).collect();
-    let low = super::noise::Threshold::for_tests(true, proper.scale, 1);
-    for (hits, should_pass) in [
-        (proper.invoke(&fresh).unwrap().len(), true),
-        (low.invoke(&fresh).unwrap().len(), false),
-    ] {
+    for (t, should_pass) in [(proper, true), (low, false)] {
+        let hits = t.invoke(&fresh).unwrap().len();
         let p = poisson_tail(N as f64 * proper.delta, hits);
         assert_eq!(
             p >= 1e-4,

@@ -40,8 +40,6 @@ use crate::sandbox::functions::GuestFunctions;
 use crate::scenario::{Scenario, Status};
 use crate::store::{Store, StoreError};
 
-#[cfg(test)]
-use noise::threshold_mechanism;
 use noise::{Budget, Calibrated, Threshold, calibrate, calibrate_threshold};
 pub use plan::{MeasureSpec, OutputSpec, QueryShape};
 

@@ -214,41 +214,6 @@ pub(super) fn ci95(budget: Budget, scale: f64) -> f64 {
 /// so thousands of groups cost more than the aggregate that produced them.
 const PARALLEL_DRAWS: usize = 1024;
 
-/// OpenDP's Laplace threshold mechanism on counts per key: the one place it is built.
-pub(super) fn threshold_mechanism(
-    scale: f64,
-    threshold: i64,
-) -> opendp::error::Fallible<ThresholdMeasurement> {
-    make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-        MapDomain::new(
-            AtomDomain::<String>::default(),
-            AtomDomain::<i64>::default(),
-        ),
-        L0PInfDistance(AbsoluteDistance::<i64>::default()),
-        scale,
-        threshold,
-        None,
-    )
-}
-
-/// OpenDP's Gaussian threshold mechanism on counts per key (under zCDP): the one place it is
-/// built.
-fn gaussian_threshold_mechanism(
-    scale: f64,
-    threshold: i64,
-) -> opendp::error::Fallible<GaussianThresholdMeasurement> {
-    make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
-        MapDomain::new(
-            AtomDomain::<String>::default(),
-            AtomDomain::<i64>::default(),
-        ),
-        L0PInfDistance(AbsoluteDistance::<i64>::default()),
-        scale,
-        threshold,
-        None,
-    )
-}
-
 /// Runs `theirs` on a second core while `mine` runs on this one.
 fn on_two_cores<A, B: Send>(
     mine: impl FnOnce() -> A,
@@ -346,7 +311,7 @@ impl Threshold {
     }
 }
 
-pub(super) type ThresholdMeasurement = Measurement<
+type ThresholdMeasurement = Measurement<
     MapDomain<AtomDomain<String>, AtomDomain<i64>>,
     L01InfDistance<AbsoluteDistance<i64>>,
     Approximate<MaxDivergence>,
@@ -367,11 +332,34 @@ enum ThresholdNoise {
 }
 
 impl ThresholdNoise {
+    /// OpenDP's threshold mechanism on counts per key, Laplace or Gaussian: the one place each
+    /// is built.
     fn build(gaussian: bool, scale: f64, threshold: i64) -> opendp::error::Fallible<Self> {
+        let domain = MapDomain::new(
+            AtomDomain::<String>::default(),
+            AtomDomain::<i64>::default(),
+        );
+        // (l0, l2, l∞) for the Gaussian, (l0, l1, l∞) for Laplace: the same constructor.
         Ok(if gaussian {
-            ThresholdNoise::Gaussian(gaussian_threshold_mechanism(scale, threshold)?)
+            ThresholdNoise::Gaussian(make_gaussian_threshold::<
+                _,
+                _,
+                Approximate<ZeroConcentratedDivergence>,
+            >(
+                domain,
+                L0PInfDistance(AbsoluteDistance::<i64>::default()),
+                scale,
+                threshold,
+                None,
+            )?)
         } else {
-            ThresholdNoise::Laplace(threshold_mechanism(scale, threshold)?)
+            ThresholdNoise::Laplace(make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+                domain,
+                L0PInfDistance(AbsoluteDistance::<i64>::default()),
+                scale,
+                threshold,
+                None,
+            )?)
         })
     }
 

@@ -8,8 +8,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Float64Array, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
+use arrow::datatypes::DataType;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -31,25 +30,14 @@ fn write_probe(path: &std::path::Path, target: bool) {
         district.push("D01");
         fare.push(TARGET);
     }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Int64, false),
-        Field::new("district", DataType::Utf8, false),
-        Field::new("fare", DataType::Float64, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
+    crate::support::write_parquet(
+        path,
         vec![
-            Arc::new(Int64Array::from(person)),
-            Arc::new(StringArray::from(district)),
-            Arc::new(Float64Array::from(fare)),
+            ("person_id", Arc::new(Int64Array::from(person))),
+            ("district", Arc::new(StringArray::from(district))),
+            ("fare", Arc::new(Float64Array::from(fare))),
         ],
-    )
-    .unwrap();
-    let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    );
 }
 
 /// Registers `file` (under data/) as dataset and table `id`.

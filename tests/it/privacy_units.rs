@@ -8,8 +8,6 @@
 use std::sync::Arc;
 
 use arrow::array::{Float64Array, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -26,25 +24,14 @@ fn write_people(path: &std::path::Path) {
         district.push("D02");
         fare.push(10.0);
     }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Int64, false),
-        Field::new("district", DataType::Utf8, false),
-        Field::new("fare", DataType::Float64, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
+    crate::support::write_parquet(
+        path,
         vec![
-            Arc::new(Int64Array::from(person)),
-            Arc::new(StringArray::from(district)),
-            Arc::new(Float64Array::from(fare)),
+            ("person_id", Arc::new(Int64Array::from(person))),
+            ("district", Arc::new(StringArray::from(district))),
+            ("fare", Arc::new(Float64Array::from(fare))),
         ],
-    )
-    .unwrap();
-    let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    );
 }
 
 async fn register(s: &Server, id: &str, open: &str) {
@@ -199,23 +186,13 @@ fn write_cells(path: &std::path::Path) {
         person.push(p);
         cell.push("zz".into());
     }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Int64, false),
-        Field::new("cell", DataType::Utf8, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
+    crate::support::write_parquet(
+        path,
         vec![
-            Arc::new(Int64Array::from(person)),
-            Arc::new(StringArray::from(cell)),
+            ("person_id", Arc::new(Int64Array::from(person))),
+            ("cell", Arc::new(StringArray::from(cell))),
         ],
-    )
-    .unwrap();
-    let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    );
 }
 
 /// At most g groups per person: the exact (unconditional) release shows person 1 in at most

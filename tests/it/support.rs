@@ -247,6 +247,27 @@ impl Server {
     }
 }
 
+/// Writes `columns` (none nullable) as one Parquet file at `path`.
+pub fn write_parquet(path: &std::path::Path, columns: Vec<(&str, arrow::array::ArrayRef)>) {
+    use arrow::datatypes::{Field, Schema};
+    let schema = std::sync::Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
+            .collect::<Vec<_>>(),
+    ));
+    let batch = arrow::record_batch::RecordBatch::try_new(
+        schema.clone(),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
 /// Exact trips and fare sums per district (fare clamped to [0, 100]) from the Parquet file,
 /// computed here without privacy to judge the noisy release.
 pub fn exact_q1(path: &std::path::Path) -> std::collections::BTreeMap<String, (i64, f64)> {
