@@ -139,6 +139,10 @@ fn is_zero(x: &f64) -> bool {
 /// The largest per-person row bound a catalogue may set: beyond it the noise drowns any answer.
 pub const MAX_ROWS_PER_UNIT: u64 = 100_000;
 
+/// The largest per-person group bound: pass 1 keeps this many hashes per person, and a bound
+/// this wide is rarely below the row bound anyway.
+pub const MAX_GROUPS_PER_UNIT: u64 = 64;
+
 impl DatasetPolicy {
     /// Parses and checks a policy file's text; errors name the file, the field and the problem.
     pub fn parse(file: &str, text: &str) -> Result<Self, CatalogError> {
@@ -224,9 +228,9 @@ impl DatasetPolicy {
                         .into(),
                 ));
             }
-            (_, Some(g)) if !(1..=MAX_ROWS_PER_UNIT).contains(&g) => {
+            (_, Some(g)) if !(1..=MAX_GROUPS_PER_UNIT).contains(&g) => {
                 return Err(bad(format!(
-                    "field `max_groups_per_unit`: must be 1 to {MAX_ROWS_PER_UNIT}"
+                    "field `max_groups_per_unit`: must be 1 to {MAX_GROUPS_PER_UNIT}"
                 )));
             }
             _ => {}

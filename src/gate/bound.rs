@@ -168,13 +168,23 @@ impl Counter {
     }
 
     /// Bounds each person to `max_groups` groups as well (rows then come with group hashes).
-    pub(super) fn with_groups(mut self, max_groups: usize) -> Self {
+    /// A dense table's entries are drawn from the pool before they are allocated; a hashed
+    /// table's grow with its persons and are counted after each batch, like the map.
+    pub(super) fn with_groups(mut self, max_groups: usize) -> Result<Self> {
         let max_groups = max_groups.max(1);
+        let slots = self.rows.len();
+        let bytes = slots
+            .checked_mul(max_groups)
+            .and_then(|n| n.checked_mul(16))
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::ResourcesExhausted("groups".into())
+            })?;
+        self.account(bytes)?;
         self.groups = Some(Groups {
             max_groups,
-            entries: vec![(0, 0); self.rows.len() * max_groups],
+            entries: vec![(0, 0); slots * max_groups],
         });
-        self
+        Ok(self)
     }
 
     /// Each row's group hash, from the group columns (keyed like string ids, per query).
@@ -522,16 +532,19 @@ pub(super) async fn select(
         None
     };
     let mut counter = Counter::new(max_rows, range);
+    counter
+        .account_in(&session.memory_pool())
+        .map_err(|_| query_failed())?;
     let mut projection = vec![column];
     if let Some(g) = &unit.groups {
-        counter = counter.with_groups(usize::try_from(g.max_groups).map_err(|_| internal())?);
+        let max_groups = usize::try_from(g.max_groups).map_err(|_| internal())?;
+        counter = counter
+            .with_groups(max_groups)
+            .map_err(|_| query_failed())?;
         for c in &g.columns {
             projection.push(scan_column(source, c)?);
         }
     }
-    counter
-        .account_in(&session.memory_pool())
-        .map_err(|_| query_failed())?;
     let plan = LogicalPlanBuilder::from(source.clone())
         .project(projection)
         .and_then(|b| b.build())
@@ -867,6 +880,12 @@ mod tests {
         );
         drop(selection);
         assert_eq!(pool.reserved(), 0);
+        // Group entries are drawn before they are allocated: 1,000 persons × 64 groups × 16
+        // bytes does not fit, and nothing is left reserved.
+        let mut grouped = Counter::new(3, Some((0, 999, 1000)));
+        grouped.account_in(&pool).unwrap();
+        assert!(grouped.with_groups(64).is_err());
+        assert_eq!(pool.reserved(), 0);
     }
 
     /// One person with 3 rows in each of 10 groups, g = 2, k = 4: exactly 4 rows kept, all in
@@ -887,7 +906,7 @@ mod tests {
         for table in 0..2 {
             for _ in 0..trials {
                 let counter = counters(k, 7, 7, n as u64).into_iter().nth(table).unwrap();
-                let mut counter = counter.with_groups(g);
+                let mut counter = counter.with_groups(g).unwrap();
                 let h = counter.group_hashes(&[cells.clone()]).unwrap();
                 counter.add_grouped(&person, &h).unwrap();
                 let s = counter.finish().unwrap();
@@ -919,7 +938,8 @@ mod tests {
             .into_iter()
             .nth(1)
             .unwrap()
-            .with_groups(g);
+            .with_groups(g)
+            .unwrap();
         let h = counter.group_hashes(&[few.clone()]).unwrap();
         counter.add_grouped(&ids(vec![7, 7]), &h).unwrap();
         let s = counter.finish().unwrap();

@@ -782,10 +782,13 @@ fn group_bound(
                 ),
             ));
         }
-        (Some(0), None) => {
+        (Some(q), None) if !(1..=crate::catalog::MAX_GROUPS_PER_UNIT).contains(&q) => {
             return Err(refuse(
                 "invalid_group_bound",
-                "max_groups_per_unit must be at least 1",
+                format!(
+                    "max_groups_per_unit {q}: must be 1 to {}",
+                    crate::catalog::MAX_GROUPS_PER_UNIT
+                ),
             ));
         }
         (Some(q), _) => q,

@@ -275,10 +275,14 @@ pub fn apply(
             "max_rows_per_unit must be at least 1".into(),
         ));
     }
-    if app.max_groups_per_unit == Some(0) {
-        return Err(ScenarioError::Invalid(
-            "max_groups_per_unit must be at least 1".into(),
-        ));
+    if app
+        .max_groups_per_unit
+        .is_some_and(|g| !(1..=crate::catalog::MAX_GROUPS_PER_UNIT).contains(&g))
+    {
+        return Err(ScenarioError::Invalid(format!(
+            "max_groups_per_unit must be 1 to {}",
+            crate::catalog::MAX_GROUPS_PER_UNIT
+        )));
     }
     let mut min_group = app.min_group_size;
     for (dataset, cols) in &app.columns {
