@@ -230,6 +230,8 @@ impl JobSession {
                 // Planned only: the gate answers these with OpenDP's private quantile.
                 datafusion::functions_aggregate::median::median_udaf(),
                 datafusion::functions_aggregate::percentile_cont::percentile_cont_udaf(),
+                datafusion::functions_aggregate::approx_median::approx_median_udaf(),
+                datafusion::functions_aggregate::approx_percentile_cont::approx_percentile_cont_udaf(),
             ])
             .build();
         let ctx = SessionContext::new_with_state(state);

@@ -525,6 +525,12 @@ pub fn analyse(
         };
         let p = &af.params;
         let name = af.func.name().to_ascii_lowercase();
+        // The approximate spellings get the same private quantile (exact ranks, DP noise).
+        let name = match name.as_str() {
+            "approx_median" => "median".to_string(),
+            "approx_percentile_cont" => "percentile_cont".to_string(),
+            _ => name,
+        };
         // `PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY x)` plans as an ordering on x.
         let ordered_set = name == "percentile_cont" && p.order_by.len() == 1;
         if (p.distinct && name != "count")
@@ -590,7 +596,9 @@ pub fn analyse(
                 let (x, q) = match (name.as_str(), p.args.as_slice()) {
                     ("median", [x]) => (x, Some(0.5)),
                     (_, [q]) if ordered_set => (&p.order_by[0].expr, literal_fraction(q)),
-                    (_, [x, q]) => (x, literal_fraction(q)),
+                    // APPROX_PERCENTILE_CONT's optional third argument (t-digest centroids)
+                    // means nothing to the private quantile.
+                    (_, [x, q] | [x, q, _]) => (x, literal_fraction(q)),
                     _ => (first, None),
                 };
                 let Some(q) = q else {
