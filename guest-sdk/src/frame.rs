@@ -263,10 +263,14 @@ impl<'a> ColumnView<'a> {
         if self.ty != UdfType::Utf8 || !self.is_valid(i) {
             return None;
         }
-        let at = |k: usize| {
-            u32::from_le_bytes(self.data[k * 4..k * 4 + 4].try_into().expect("4 bytes")) as usize
-        };
-        self.text.get(at(i)..at(i + 1))
+        Some(self.text_at(i))
+    }
+
+    /// The text of Utf8 row `i` (offsets were checked by [`view`]; "" should they not fit).
+    fn text_at(&self, i: usize) -> &'a str {
+        self.text
+            .get(offset(self.data, i)..offset(self.data, i + 1))
+            .unwrap_or("")
     }
 
     /// Float64/Int64 values as they lie: little-endian, 8 bytes a row (null rows included).
@@ -286,30 +290,21 @@ impl<'a> ColumnView<'a> {
     pub fn to_column(&self) -> Column {
         let n = self.rows;
         let data = match self.ty {
-            UdfType::Float64 => {
-                Data::Float64((0..n).map(|i| f64::from_le_bytes(self.word(i))).collect())
-            }
-            UdfType::Int64 => {
-                Data::Int64((0..n).map(|i| i64::from_le_bytes(self.word(i))).collect())
-            }
+            UdfType::Float64 => Data::Float64((0..n).map(|i| self.f64_at(i)).collect()),
+            UdfType::Int64 => Data::Int64((0..n).map(|i| self.i64_at(i)).collect()),
             UdfType::Boolean => Data::Boolean(self.data.iter().map(|&b| b != 0).collect()),
-            UdfType::Utf8 => Data::Utf8(
-                (0..n)
-                    .map(|i| {
-                        let at = |k: usize| {
-                            u32::from_le_bytes(self.data[k * 4..k * 4 + 4].try_into().expect("4"))
-                                as usize
-                        };
-                        self.text.get(at(i)..at(i + 1)).unwrap_or("").to_owned()
-                    })
-                    .collect(),
-            ),
+            UdfType::Utf8 => Data::Utf8((0..n).map(|i| self.text_at(i).to_owned()).collect()),
         };
         Column {
             data,
             valid: self.valid.map(|v| v.iter().map(|&b| b != 0).collect()),
         }
     }
+}
+
+/// String offset `k` of a Utf8 column's offsets.
+fn offset(offsets: &[u8], k: usize) -> usize {
+    u32::from_le_bytes(offsets[k * 4..k * 4 + 4].try_into().expect("4 bytes")) as usize
 }
 
 /// Reads a frame in place: its row count and a view of each column. Every length is checked
@@ -340,10 +335,7 @@ pub fn view(bytes: &[u8]) -> Result<(usize, Vec<ColumnView<'_>>), FrameError> {
                         .checked_add(4)
                         .ok_or(FrameError("length overflow"))?,
                 )?;
-                let at = |k: usize| {
-                    u32::from_le_bytes(offsets[k * 4..k * 4 + 4].try_into().expect("4 bytes"))
-                        as usize
-                };
+                let at = |k: usize| offset(offsets, k);
                 if at(0) != 0 || (0..rows).any(|k| at(k) > at(k + 1)) {
                     return Err(FrameError("string offsets out of order"));
                 }

@@ -556,15 +556,7 @@ impl Gate {
                     "the groups' keys are not public: give \"delta\" (e.g. 1e-6) to choose them by DP partition selection",
                 )
             })?;
-            if !(delta.is_finite() && delta > 0.0 && delta <= crate::scenario::MAX_DELTA) {
-                return Err(GateError::refused(
-                    "invalid_delta",
-                    format!(
-                        "delta must be above 0 and at most {:e}",
-                        crate::scenario::MAX_DELTA
-                    ),
-                ));
-            }
+            let delta = valid_delta(delta)?;
             let min_group = grant
                 .scenario
                 .min_group_size
@@ -1017,24 +1009,36 @@ fn describe_columns(shape: &QueryShape, pricing: &Pricing) -> Vec<ReleasedColumn
                 measure,
                 kind,
             } => {
-                let (scale, budget) = match (pricing.calibrated.get(*measure), &pricing.threshold) {
-                    (Some(Some(c)), _) => (
-                        c.scale / shape.measures[*measure].fixed_point(),
-                        pricing.budget,
-                    ),
-                    // The threshold mechanism's noise, of the budget's kind.
-                    (Some(None), Some(t)) => (t.scale, pricing.budget),
-                    _ => (0.0, pricing.budget),
+                let scale = match (pricing.calibrated.get(*measure), &pricing.threshold) {
+                    (Some(Some(c)), _) => c.scale / shape.measures[*measure].fixed_point(),
+                    // The threshold mechanism's noise, of the budget's kind too.
+                    (Some(None), Some(t)) => t.scale,
+                    _ => 0.0,
                 };
                 ReleasedColumn {
                     name: name.clone(),
                     kind: *kind,
                     noise_scale: Some(scale),
-                    ci95_half_width: Some(noise::ci95(budget, scale)),
+                    ci95_half_width: Some(noise::ci95(pricing.budget, scale)),
                 }
             }
         })
         .collect()
+}
+
+/// A query's δ, if it is one the gate accepts.
+fn valid_delta(delta: f64) -> Result<f64, GateError> {
+    if delta.is_finite() && delta > 0.0 && delta <= crate::scenario::MAX_DELTA {
+        Ok(delta)
+    } else {
+        Err(GateError::refused(
+            "invalid_delta",
+            format!(
+                "delta must be above 0 and at most {:e}",
+                crate::scenario::MAX_DELTA
+            ),
+        ))
+    }
 }
 
 /// The request's budget: ε, or ρ with the δ to convert it at.
@@ -1056,13 +1060,10 @@ fn budget(request: &QueryRequest) -> Result<Budget, GateError> {
             invalid("invalid_rho", "rho must be a positive number".into())
         }
         Some(rho) => match request.delta {
-            Some(delta) if delta.is_finite() && delta > 0.0 && delta <= crate::scenario::MAX_DELTA => {
-                Ok(Budget::Concentrated { rho, delta })
-            }
-            Some(_) => invalid(
-                "invalid_delta",
-                format!("delta must be above 0 and at most {:e}", crate::scenario::MAX_DELTA),
-            ),
+            Some(delta) => Ok(Budget::Concentrated {
+                rho,
+                delta: valid_delta(delta)?,
+            }),
             None => invalid(
                 "invalid_delta",
                 "rho needs \"delta\" (e.g. 1e-6): the ledger debits the (ε, δ) that ρ converts to".into(),
