@@ -348,26 +348,46 @@ impl JobSession {
         Ok(ExactAggregate(batches))
     }
 
-    /// Runs `plan` and hands each output batch to `f` as it comes, holding none of them: for
-    /// the gate's own passes over rows (contribution bounding), which keep only a summary.
-    pub async fn for_each_batch(
+    /// Runs `plan` with each of its output partitions on a task of its own, folding that
+    /// partition's batches into a state `start` makes for it; returns the states (in no
+    /// particular order). For the gate's own passes over rows that keep only a summary per
+    /// partition. A failing partition stops the others.
+    pub async fn fold_partitions<S, F>(
         &self,
         plan: LogicalPlan,
-        mut f: impl FnMut(&RecordBatch) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
+        mut start: impl FnMut() -> Result<S, EngineError>,
+        fold: F,
+    ) -> Result<Vec<S>, EngineError>
+    where
+        S: Send + 'static,
+        F: Fn(&mut S, &RecordBatch) -> Result<(), EngineError> + Clone + Send + 'static,
+    {
         use futures::StreamExt;
-        let mut stream = self
+        let streams = self
             .ctx
             .execute_logical_plan(plan)
             .await
             .map_err(|_| EngineError::Execution)?
-            .execute_stream()
+            .execute_stream_partitioned()
             .await
             .map_err(|_| EngineError::Execution)?;
-        while let Some(batch) = stream.next().await {
-            f(&batch.map_err(|_| EngineError::Execution)?)?;
+        // Dropping the set (on an error below) aborts the partitions still running.
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut stream in streams {
+            let mut state = start()?;
+            let fold = fold.clone();
+            tasks.spawn(async move {
+                while let Some(batch) = stream.next().await {
+                    fold(&mut state, &batch.map_err(|_| EngineError::Execution)?)?;
+                }
+                Ok::<_, EngineError>(state)
+            });
         }
-        Ok(())
+        let mut out = Vec::with_capacity(tasks.len());
+        while let Some(done) = tasks.join_next().await {
+            out.push(done.map_err(|_| EngineError::Execution)??);
+        }
+        Ok(out)
     }
 }
 

@@ -213,7 +213,11 @@ pub(super) fn prepare(
             unit,
             outputs,
         }),
-        dataset_id: policy.id.clone(),
+        charges: vec![super::Charge {
+            dataset_id: policy.id.clone(),
+            epsilon: spent,
+            delta: 0.0,
+        }],
         mechanism,
         mode: "wasm_block",
         epsilon: spent,

@@ -49,7 +49,10 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReser
 /// Which column identifies a person, and how many of their rows a query may use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitBound {
+    /// The privacy unit's name, for the ledger (`person_id`; `a=b` for a join of two names).
     pub column: String,
+    /// The column of the bounded rows (`source`'s output) that names each row's person.
+    pub key: Column,
     pub max_rows: u64,
     /// At most this many groups per person, where the price depends on it (partition
     /// selection): the groups are told apart by these columns of the scan.
@@ -98,6 +101,24 @@ impl Groups {
         }
     }
 
+    /// Counts `rows` rows of group `hash` for the person at `slot` at once (merging another
+    /// partition's record). The g smallest hashes of a union are among the g smallest of each
+    /// part they occur in, each part's with its exact count, so merging parts one by one gives
+    /// the record of the whole.
+    fn add_rows(&mut self, slot: usize, hash: u64, rows: u32) {
+        let g = self.max_groups;
+        let entries = &mut self.entries[slot * g..(slot + 1) * g];
+        if let Some(e) = entries.iter_mut().find(|e| e.1 > 0 && e.0 == hash) {
+            e.1 = e.1.saturating_add(rows);
+        } else if let Some(e) = entries.iter_mut().find(|e| e.1 == 0) {
+            *e = (hash, rows);
+        } else if let Some(e) = entries.iter_mut().max_by_key(|e| e.0)
+            && hash < e.0
+        {
+            *e = (hash, rows);
+        }
+    }
+
     /// Whether `hash` is one of the person's chosen groups.
     fn chosen(&self, slot: usize, hash: u64) -> bool {
         self.of(slot).iter().any(|e| e.1 > 0 && e.0 == hash)
@@ -111,6 +132,30 @@ type UnitKey = i64;
 
 /// The most slots a dense person table may have (12 bytes each: 384 MiB).
 const DENSE_MAX_SLOTS: u64 = 1 << 25;
+
+/// Slots per stripe of pass 2's table (2¹⁵ words, 256 KiB): the unit of locking.
+const STRIPE_SLOTS: usize = 1 << 15;
+
+/// How many rows ahead the per-person loops fetch their row's table entry.
+const PREFETCH_ROWS: usize = 16;
+
+/// Asks the processor to start loading `entry`'s cache line: a hint, with no effect on what
+/// the program computes (a prefetch never faults, whatever the address).
+#[inline(always)]
+fn prefetch<T>(entry: Option<&T>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(entry) = entry {
+        // SAFETY: `_mm_prefetch` reads nothing the program can observe and cannot fault; the
+        // pointer comes from a live reference besides.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (entry as *const T).cast(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = entry;
+}
 
 /// Where a person's counters live.
 enum Index {
@@ -167,6 +212,88 @@ impl Counter {
         }
     }
 
+    /// An empty counter like this one (same table kind and keys), its memory drawn from the
+    /// same pool: one per partition of pass 1, merged at the end.
+    fn fork(&self) -> Result<Self> {
+        let mut fork = Counter {
+            max_rows: self.max_rows,
+            hasher: self.hasher.clone(),
+            index: match &self.index {
+                Index::Dense { min, slots } => Index::Dense {
+                    min: *min,
+                    slots: *slots,
+                },
+                Index::Hashed(_) => Index::Hashed(HashMap::default()),
+            },
+            rows: Vec::new(),
+            groups: None,
+            memory: None,
+        };
+        if let Some(memory) = &self.memory {
+            fork.memory = Some(memory.new_empty());
+        }
+        if let Index::Dense { slots, .. } = fork.index {
+            fork.account(slots * 4)?;
+            fork.rows = vec![0u32; slots];
+        }
+        match &self.groups {
+            Some(g) => fork.with_groups(g.max_groups),
+            None => Ok(fork),
+        }
+    }
+
+    /// Adds another partition's counts to these.
+    fn merge(&mut self, other: Counter) -> Result<()> {
+        match &other.index {
+            Index::Dense { .. } => {
+                for (mine, theirs) in self.rows.iter_mut().zip(&other.rows) {
+                    *mine = mine.saturating_add(*theirs);
+                }
+                if let (Some(mine), Some(theirs)) = (self.groups.as_mut(), &other.groups) {
+                    for slot in 0..other.rows.len() {
+                        for &(hash, rows) in theirs.of(slot).iter().filter(|e| e.1 > 0) {
+                            mine.add_rows(slot, hash, rows);
+                        }
+                    }
+                }
+            }
+            Index::Hashed(theirs) => {
+                for (key, &their_slot) in theirs {
+                    let slot = self.slot_for(*key);
+                    let their_slot = their_slot as usize;
+                    match (self.groups.as_mut(), &other.groups) {
+                        (Some(mine), Some(g)) => {
+                            for &(hash, rows) in g.of(their_slot).iter().filter(|e| e.1 > 0) {
+                                mine.add_rows(slot, hash, rows);
+                            }
+                        }
+                        _ => {
+                            self.rows[slot] = self.rows[slot].saturating_add(other.rows[their_slot])
+                        }
+                    }
+                }
+            }
+        }
+        self.account(0)
+    }
+
+    /// The slot of `key`, a new one for a person not seen before (hashed tables).
+    /// `usize::MAX` for an id outside a dense table.
+    fn slot_for(&mut self, key: UnitKey) -> usize {
+        let Index::Hashed(map) = &mut self.index else {
+            return self.index.slot(key).unwrap_or(usize::MAX);
+        };
+        let next = self.rows.len() as u32;
+        let slot = *map.entry(key).or_insert(next) as usize;
+        if slot == self.rows.len() {
+            self.rows.push(0);
+            if let Some(g) = self.groups.as_mut() {
+                g.entries.extend(std::iter::repeat_n((0, 0), g.max_groups));
+            }
+        }
+        slot
+    }
+
     /// Bounds each person to `max_groups` groups as well (rows then come with group hashes).
     /// A dense table's entries are drawn from the pool before they are allocated; a hashed
     /// table's grow with its persons and are counted after each batch, like the map.
@@ -219,6 +346,28 @@ impl Counter {
 
     /// Counts one batch of pass 1's person column (null ids count for no one).
     pub(super) fn add(&mut self, unit: &ArrayRef) -> Result<()> {
+        // The common case in a loop of its own: integer ids without nulls, a dense table. Each
+        // row is one increment at a random place in the table; fetching the place a few rows
+        // ahead lets the processor wait for several of those cache misses at once.
+        if let (Index::Dense { min, slots }, None, Some(ids)) = (
+            &self.index,
+            &self.groups,
+            unit.as_primitive_opt::<Int64Type>()
+                .filter(|a| a.null_count() == 0),
+        ) {
+            let (min, slots, ids) = (*min, *slots as u64, ids.values());
+            let rows = &mut self.rows;
+            for (i, &id) in ids.iter().enumerate() {
+                if let Some(&ahead) = ids.get(i + PREFETCH_ROWS) {
+                    prefetch(rows.get(ahead.wrapping_sub(min) as usize));
+                }
+                let slot = id.wrapping_sub(min) as u64;
+                if slot < slots {
+                    rows[slot as usize] = rows[slot as usize].saturating_add(1);
+                }
+            }
+            return Ok(());
+        }
         self.add_rows(unit, None)
     }
 
@@ -228,36 +377,18 @@ impl Counter {
     }
 
     fn add_rows(&mut self, unit: &ArrayRef, hashes: Option<&[u64]>) -> Result<()> {
-        let Counter {
-            hasher,
-            index,
-            rows,
-            groups,
-            ..
-        } = self;
-        for_each_key(unit, hasher, |row, key| {
+        let hasher = self.hasher.clone();
+        for_each_key(unit, &hasher, |row, key| {
             let Some(key) = key else { return };
-            let slot = match index {
-                Index::Dense { .. } => index.slot(key),
-                Index::Hashed(map) => {
-                    let next = rows.len() as u32;
-                    let slot = *map.entry(key).or_insert(next) as usize;
-                    if slot == rows.len() {
-                        rows.push(0);
-                        if let Some(g) = groups.as_mut() {
-                            g.entries.extend(std::iter::repeat_n((0, 0), g.max_groups));
-                        }
-                    }
-                    Some(slot)
-                }
-            };
             // A dense table was sized from the same rows; an id outside it (the two scans
             // disagreeing) is a person whose rows pass 2 will drop.
-            if let Some(slot) = slot {
-                match (groups.as_mut(), hashes) {
-                    (Some(g), Some(h)) => g.add(slot, h[row]),
-                    _ => rows[slot] = rows[slot].saturating_add(1),
-                }
+            let slot = self.slot_for(key);
+            if slot == usize::MAX {
+                return;
+            }
+            match (self.groups.as_mut(), hashes) {
+                (Some(g), Some(h)) => g.add(slot, h[row]),
+                _ => self.rows[slot] = self.rows[slot].saturating_add(1),
             }
         })
     }
@@ -296,12 +427,16 @@ impl Counter {
         let slots = self.rows.len();
         self.rows = Vec::new();
         self.account(slots * 8).map_err(|_| query_failed())?;
+        let progress = progress
+            .chunks(STRIPE_SLOTS)
+            .map(|stripe| Mutex::new(stripe.to_vec()))
+            .collect();
         Ok(Selection {
             max_rows: self.max_rows,
             hasher: self.hasher,
             index: self.index,
             groups: self.groups,
-            progress: Mutex::new(progress),
+            progress,
             seeds: Mutex::new(rand::rngs::StdRng::from_seed(seed)),
             _memory: self.memory,
         })
@@ -317,7 +452,9 @@ pub struct Selection {
     groups: Option<Groups>,
     /// Pass 2's state per slot, one word so a row costs one memory access: the person's rows
     /// not yet seen (pass 1's count to start with) in the high half, rows kept in the low half.
-    progress: Mutex<Vec<u64>>,
+    /// In stripes of [`STRIPE_SLOTS`] slots, each behind its own lock, so that DataFusion's
+    /// partitions update different stripes at once.
+    progress: Vec<Mutex<Vec<u64>>>,
     /// Seeds one generator per batch (a ChaCha stream seeded from ring).
     seeds: Mutex<rand::rngs::StdRng>,
     /// Held (and counted in the job's pool) until the query is done.
@@ -450,36 +587,98 @@ impl Selection {
             let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
             rand::rngs::StdRng::from_rng(&mut *seeds)
         };
-        // Slots first, outside the lock (hash lookups run on both partitions at once).
-        let mut slots = Vec::with_capacity(unit.len());
-        for_each_key(unit, &self.hasher, |row, key| {
-            if wanted.is_valid(row) && wanted.value(row) {
-                if let Some(slot) = key.and_then(|key| self.index.slot(key)) {
-                    let in_group = match (&self.groups, hashes) {
-                        (Some(g), Some(h)) => g.chosen(slot, h[row]),
-                        (None, _) => true,
-                        // A group bound with no groups given keeps nothing.
-                        (Some(_), None) => false,
-                    };
-                    if in_group {
-                        slots.push((row, slot));
+        // Slots first, outside the locks (hash lookups run on both partitions at once).
+        let mut slots: Vec<(u32, u32)> = Vec::with_capacity(unit.len());
+        let everything = wanted.null_count() == 0 && wanted.true_count() == wanted.len();
+        match (
+            &self.index,
+            &self.groups,
+            unit.as_primitive_opt::<Int64Type>(),
+        ) {
+            // The common case in a loop of its own: integer ids without nulls in a dense table.
+            (Index::Dense { min, slots: n }, None, Some(ids)) if ids.null_count() == 0 => {
+                let (min, n) = (*min, *n as u64);
+                for (row, &id) in ids.values().iter().enumerate() {
+                    let slot = id.wrapping_sub(min) as u64;
+                    if slot < n && (everything || wanted.value(row)) {
+                        slots.push((row as u32, slot as u32));
                     }
                 }
             }
-        })?;
+            _ => for_each_key(unit, &self.hasher, |row, key| {
+                if wanted.is_valid(row) && wanted.value(row) {
+                    if let Some(slot) = key.and_then(|key| self.index.slot(key)) {
+                        let in_group = match (&self.groups, hashes) {
+                            (Some(g), Some(h)) => g.chosen(slot, h[row]),
+                            (None, _) => true,
+                            // A group bound with no groups given keeps nothing.
+                            (Some(_), None) => false,
+                        };
+                        if in_group {
+                            slots.push((row as u32, slot as u32));
+                        }
+                    }
+                }
+            })?,
+        }
         let mut kept = vec![false; unit.len()];
-        // One batch at a time holds the table: plain loads and stores, whose cache misses the
-        // processor overlaps (atomic read-modify-writes from two threads serialise them).
-        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        // The batch's rows by stripe, each stripe's in the order they came (a counting sort).
+        let stripes = self.progress.len();
+        let mut starts = vec![0usize; stripes + 1];
+        for (_, slot) in &slots {
+            starts[*slot as usize / STRIPE_SLOTS + 1] += 1;
+        }
+        for i in 0..stripes {
+            starts[i + 1] += starts[i];
+        }
+        let mut ordered = vec![(0u32, 0u32); slots.len()];
+        let mut next = starts.clone();
         for (row, slot) in slots {
-            let state = &mut progress[slot];
-            let (left, taken) = ((*state >> 32) as u32, *state as u32);
-            // Sequential selection sampling: with `left` of the person's rows still to come,
-            // this one is kept with probability (k − kept) / left. Past pass 1's count
-            // (`left` = 0) rows are kept until k; never a (k+1)-th row.
-            let keep = taken < k && (left <= k - taken || rng.random_range(0..left) < k - taken);
-            *state = (u64::from(left.saturating_sub(1)) << 32) | u64::from(taken + keep as u32);
-            kept[row] = keep;
+            let stripe = slot as usize / STRIPE_SLOTS;
+            ordered[next[stripe]] = (row, (slot as usize % STRIPE_SLOTS) as u32);
+            next[stripe] += 1;
+        }
+        // A stripe's lock is held for its rows of one batch: plain loads and stores, whose
+        // cache misses the processor overlaps (atomic read-modify-writes would serialise
+        // them), the more so as each row's entry is fetched a few rows ahead. Stripes another
+        // partition holds are left for a second round; each batch starts at a random stripe
+        // so that two partitions seldom meet.
+        let mut visit = |stripe: usize, progress: &mut [u64], rng: &mut rand::rngs::StdRng| {
+            let rows = &ordered[starts[stripe]..starts[stripe + 1]];
+            for (i, &(row, slot)) in rows.iter().enumerate() {
+                if let Some(&(_, ahead)) = rows.get(i + PREFETCH_ROWS) {
+                    prefetch(progress.get(ahead as usize));
+                }
+                let state = &mut progress[slot as usize];
+                let (left, taken) = ((*state >> 32) as u32, *state as u32);
+                // Sequential selection sampling: with `left` of the person's rows still to
+                // come, this one is kept with probability (k − kept) / left. Past pass 1's
+                // count (`left` = 0) rows are kept until k; never a (k+1)-th row.
+                let keep =
+                    taken < k && (left <= k - taken || rng.random_range(0..left) < k - taken);
+                *state = (u64::from(left.saturating_sub(1)) << 32) | u64::from(taken + keep as u32);
+                kept[row as usize] = keep;
+            }
+        };
+        let first = rng.random_range(0..stripes.max(1));
+        let mut busy = Vec::new();
+        for stripe in (first..stripes).chain(0..first) {
+            if starts[stripe] == starts[stripe + 1] {
+                continue;
+            }
+            match self.progress[stripe].try_lock() {
+                Ok(mut progress) => visit(stripe, &mut progress, &mut rng),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    visit(stripe, &mut p.into_inner(), &mut rng)
+                }
+                Err(std::sync::TryLockError::WouldBlock) => busy.push(stripe),
+            }
+        }
+        for stripe in busy {
+            let mut progress = self.progress[stripe]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            visit(stripe, &mut progress, &mut rng);
         }
         Ok(BooleanArray::from(kept))
     }
@@ -494,10 +693,11 @@ pub(super) async fn select(
     unit: &UnitBound,
 ) -> Result<Arc<Selection>, GateError> {
     let max_rows = u32::try_from(unit.max_rows).map_err(|_| internal())?;
-    let column = unit_column(source, unit)?;
+    let column = Expr::Column(unit.key.clone());
     let integer = source
         .schema()
-        .field_with_unqualified_name(&unit.column)
+        .qualified_field_from_column(&unit.key)
+        .map(|(_, f)| f)
         .map(|f| f.data_type().is_integer())
         .unwrap_or(false);
     let range = if integer {
@@ -550,29 +750,47 @@ pub(super) async fn select(
         .and_then(|b| b.build())
         .map_err(|_| internal())?;
     let grouped = unit.groups.is_some();
-    session
-        .for_each_batch(plan, |batch| {
-            let counted = if grouped {
+    // Each of DataFusion's partitions counts into a counter of its own, on its own task; the
+    // counts are added up at the end.
+    let forks = session
+        .fold_partitions(
+            plan,
+            || {
                 counter
-                    .group_hashes(&batch.columns()[1..])
-                    .and_then(|h| counter.add_grouped(batch.column(0), &h))
-            } else {
-                counter.add(batch.column(0))
-            };
-            counted
-                .and_then(|()| counter.account(0))
-                .map_err(|_| crate::engine::EngineError::Execution)
-        })
+                    .fork()
+                    .map_err(|_| crate::engine::EngineError::Execution)
+            },
+            move |fork: &mut Counter, batch| {
+                let counted = if grouped {
+                    fork.group_hashes(&batch.columns()[1..])
+                        .and_then(|h| fork.add_grouped(batch.column(0), &h))
+                } else {
+                    fork.add(batch.column(0))
+                };
+                counted
+                    .and_then(|()| fork.account(0))
+                    .map_err(|_| crate::engine::EngineError::Execution)
+            },
+        )
         .await?;
+    for fork in forks {
+        counter.merge(fork).map_err(|_| query_failed())?;
+    }
     Ok(Arc::new(counter.finish()?))
 }
 
-/// The one scan of `plan` with the filters directly on it: pass 1's input.
+/// Pass 1's input: the one scan of `plan` with the filters directly on it, or, for a join,
+/// the topmost join with the filters directly on it.
 pub(super) fn source(plan: &LogicalPlan) -> Option<&LogicalPlan> {
-    if scan_with_filters(plan) {
+    if scan_with_filters(plan) || joined(plan) {
         return Some(plan);
     }
     plan.inputs().into_iter().find_map(source)
+}
+
+/// Whether `plan` is a join under a chain of filters (or none).
+pub(super) fn joined(plan: &LogicalPlan) -> bool {
+    matches!(split_filters(plan).0, LogicalPlan::Join(_))
 }
 
 /// `plan` with its scan (and the filters directly on it) followed by pass 2's filter.
@@ -581,7 +799,7 @@ pub(super) fn bound_contributions(
     unit: &UnitBound,
     selection: &Arc<Selection>,
 ) -> Result<LogicalPlan, GateError> {
-    if scan_with_filters(plan) {
+    if scan_with_filters(plan) || joined(plan) {
         // The query's own filters become keep's second argument rather than filters below it:
         // DataFusion merges adjacent filters into one AND, whose sides see every row, so keep
         // must itself skip the rows the query drops (as pass 1 did) to sample the right ones.
@@ -590,7 +808,7 @@ pub(super) fn bound_contributions(
             .into_iter()
             .reduce(Expr::and)
             .unwrap_or_else(|| lit(true));
-        let mut args = vec![unit_column(plan, unit)?, predicate];
+        let mut args = vec![Expr::Column(unit.key.clone()), predicate];
         for c in unit.groups.iter().flat_map(|g| &g.columns) {
             args.push(scan_column(plan, c)?);
         }
@@ -599,6 +817,26 @@ pub(super) fn bound_contributions(
             signature: Signature::any(args.len(), Volatility::Volatile),
         })
         .call(args);
+        if joined(plan) {
+            // Above a join, a filter on one side's columns would be pushed into both sides
+            // (the join equates them), and keep would see each side's rows instead of the
+            // join's. A volatile expression in a projection stays where it is, and so does a
+            // filter on its result: keep runs once on every row of the join.
+            let columns: Vec<Expr> = scan
+                .schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect();
+            let mut with_keep = columns.clone();
+            with_keep.push(keep.alias(KEEP_COLUMN));
+            return LogicalPlanBuilder::from(scan.clone())
+                .project(with_keep)
+                .and_then(|b| b.filter(Expr::Column(Column::new_unqualified(KEEP_COLUMN))))
+                .and_then(|b| b.project(columns))
+                .and_then(|b| b.build())
+                .map_err(|_| internal());
+        }
         return LogicalPlanBuilder::from(scan.clone())
             .filter(keep)
             .and_then(|b| b.build())
@@ -613,8 +851,11 @@ pub(super) fn bound_contributions(
         .map_err(|_| internal())
 }
 
-/// The scan under a chain of filters, and the filters' predicates.
-fn split_filters(plan: &LogicalPlan) -> (&LogicalPlan, Vec<Expr>) {
+/// The column pass 2's decision is projected into above a join (see `bound_contributions`).
+const KEEP_COLUMN: &str = "__unseen_keep";
+
+/// The scan (or join) under a chain of filters, and the filters' predicates.
+pub(super) fn split_filters(plan: &LogicalPlan) -> (&LogicalPlan, Vec<Expr>) {
     match plan {
         LogicalPlan::Filter(f) => {
             let (scan, mut predicates) = split_filters(&f.input);
@@ -631,11 +872,6 @@ fn scan_with_filters(plan: &LogicalPlan) -> bool {
         LogicalPlan::Filter(f) => scan_with_filters(&f.input),
         _ => false,
     }
-}
-
-/// The scan's own unit column: a scan cannot rename, so this is the catalogue's column.
-fn unit_column(plan: &LogicalPlan, unit: &UnitBound) -> Result<Expr, GateError> {
-    scan_column(plan, &unit.column)
 }
 
 /// The scan's column called `name`.

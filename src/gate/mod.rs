@@ -125,14 +125,14 @@ impl From<opendp::error::Error> for GateError {
     }
 }
 
-/// A release and the two ledger entries behind it.
+/// A release and the ledger entries behind it.
 #[derive(Debug, Clone)]
 pub struct Released {
     pub release: Release,
-    /// The `reserve` entry that charged it.
-    pub reservation: u64,
-    /// The `commit` entry written before it left the gate.
-    pub commit: u64,
+    /// Per dataset charged (one, or each of a join's): the `reserve` entry that charged it and
+    /// the `commit` entry written before the release left the gate. The first reservation is
+    /// the release's `ledger_entry`.
+    pub entries: Vec<(u64, u64)>,
 }
 
 /// What one job may touch: its scenario, the datasets it names, and a session over them.
@@ -310,16 +310,16 @@ impl Gate {
     ) -> Result<Released, GateError> {
         let Prepared {
             work,
-            dataset_id,
+            charges,
             mechanism,
             mode,
             epsilon,
-            delta,
+            ..
         } = self.prepare(grant, request).await?;
         // Asked and paid for before in this scenario, over the same version of the data: the
         // same release again, for nothing (re-showing a release is post-processing).
         let cache_key = if self.reuse {
-            let key = self.cache_key(grant, &dataset_id, request)?;
+            let key = self.cache_key(grant, &charges, request)?;
             if let Some(reused) = self.cached(&grant.scenario.id, &key)? {
                 return Ok(reused);
             }
@@ -328,85 +328,96 @@ impl Gate {
             None
         };
         let scenario = &grant.scenario;
-        let reservation = self.ledger.reserve(&Reservation {
-            job_id: &grant.job_id,
-            scenario_id: &scenario.id,
-            dataset_id: &dataset_id,
-            developer_id: &grant.developer_id,
-            epsilon,
-            delta,
-            mechanism,
-            mode,
-        })?;
+        // One debit per dataset read (a join's are written together, or none is).
+        let reservations = self.ledger.reserve_all(
+            &charges
+                .iter()
+                .map(|c| Reservation {
+                    job_id: &grant.job_id,
+                    scenario_id: &scenario.id,
+                    dataset_id: &c.dataset_id,
+                    developer_id: &grant.developer_id,
+                    epsilon: c.epsilon,
+                    delta: c.delta,
+                    mechanism: mechanism.clone(),
+                    mode,
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        let first = reservations
+            .first()
+            .map(|r| r.body.seq)
+            .ok_or_else(|| GateError::refused("internal", "the query charged no dataset"))?;
 
-        // The reservation is durable: now, and only now, the data is read.
+        // The reservations are durable: now, and only now, the data is read.
         let produced = match &work {
-            Work::Aggregate { shape, pricing } => {
-                self.produce(grant, shape, pricing, reservation.body.seq)
-                    .await
-            }
-            Work::Blocks(blocks) => blocks.produce(grant, epsilon, reservation.body.seq).await,
+            Work::Aggregate { shape, pricing } => self.produce(grant, shape, pricing, first).await,
+            Work::Blocks(blocks) => blocks.produce(grant, epsilon, first).await,
         };
         match produced {
             Ok(release) => {
-                // The commit is durable before the release leaves the gate.
-                let commit = self.ledger.commit(&reservation, true, "released")?;
+                // The commits are durable before the release leaves the gate.
+                let commits = self.ledger.commit_all(&reservations, true, "released")?;
+                let entries: Vec<(u64, u64)> = reservations
+                    .iter()
+                    .zip(&commits)
+                    .map(|(r, c)| (r.body.seq, c.body.seq))
+                    .collect();
                 if let Some(key) = &cache_key {
-                    self.remember(
-                        &scenario.id,
-                        key,
-                        &release,
-                        reservation.body.seq,
-                        commit.body.seq,
-                    );
+                    self.remember(&scenario.id, key, &release, &entries);
                 }
-                Ok(Released {
-                    release,
-                    reservation: reservation.body.seq,
-                    commit: commit.body.seq,
-                })
+                Ok(Released { release, entries })
             }
             Err(e) => {
                 if let Err(le) =
                     self.ledger
-                        .commit(&reservation, false, "the query failed while running")
+                        .commit_all(&reservations, false, "the query failed while running")
                 {
-                    tracing::error!("could not close reservation {}: {le}", reservation.body.seq);
+                    tracing::error!("could not close reservation {first}: {le}");
                 }
                 Err(e)
             }
         }
     }
 
-    /// What makes two queries "the same": every option of the request (not `dry_run`) and the
+    /// What makes two queries "the same": every option of the request (not `dry_run`) and each
     /// data file's length and modification time, hashed.
     fn cache_key(
         &self,
         grant: &JobGrant,
-        dataset_id: &str,
+        charges: &[Charge],
         request: &QueryRequest,
     ) -> Result<String, GateError> {
-        let policy = grant
-            .datasets
-            .values()
-            .find(|p| p.id == dataset_id)
-            .ok_or_else(|| GateError::refused("internal", "the dataset left the job"))?;
-        let meta = std::fs::metadata(policy.data_path(&self.data_dir)).ok();
-        let version = meta.map(|m| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            format!("{}:{modified}", m.len())
-        });
+        let mut versions = Vec::new();
+        for charge in charges {
+            let policy = grant
+                .datasets
+                .values()
+                .find(|p| p.id == charge.dataset_id)
+                .ok_or_else(|| GateError::refused("internal", "the dataset left the job"))?;
+            let meta = std::fs::metadata(policy.data_path(&self.data_dir)).ok();
+            versions.push(meta.map(|m| {
+                let modified = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("{}:{modified}", m.len())
+            }));
+        }
         let request = QueryRequest {
             dry_run: false,
             ..request.clone()
         };
+        // One dataset keeps the key it always had, so releases kept before joins still match.
+        let datasets: Vec<&str> = charges.iter().map(|c| c.dataset_id.as_str()).collect();
+        let (dataset, version) = match (datasets.as_slice(), versions.as_slice()) {
+            ([one], [v]) => (serde_json::json!(one), serde_json::json!(v)),
+            _ => (serde_json::json!(datasets), serde_json::json!(versions)),
+        };
         let text = serde_json::json!({
             "request": request,
-            "dataset": dataset_id,
+            "dataset": dataset,
             "version": version,
             // A UDF or block function of another module is other code.
             "module": grant.guest.as_ref().map(|g| (&g.hash, g.mode.as_str())),
@@ -419,47 +430,57 @@ impl Gate {
 
     fn cached(&self, scenario_id: &str, key: &str) -> Result<Option<Released>, GateError> {
         use rusqlite::OptionalExtension;
-        let row: Option<(String, i64, i64)> = self
+        let row: Option<(String, i64, i64, Option<String>)> = self
             .store
             .conn()
             .query_row(
-                "SELECT release, reservation, commit_seq FROM release_cache WHERE scenario_id = ?1 AND request_key = ?2",
+                "SELECT c.release, c.reservation, c.commit_seq, j.entries FROM release_cache c
+                 LEFT JOIN release_cache_joint j ON j.scenario_id = c.scenario_id AND j.request_key = c.request_key
+                 WHERE c.scenario_id = ?1 AND c.request_key = ?2",
                 rusqlite::params![scenario_id, key],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(StoreError::from)?;
-        Ok(row.and_then(|(text, reservation, commit)| {
+        Ok(row.and_then(|(text, reservation, commit, joint)| {
             let release: Release = serde_json::from_str(&text).ok()?;
+            let mut entries = vec![(reservation as u64, commit as u64)];
+            if let Some(joint) = joint {
+                entries.extend(serde_json::from_str::<Vec<(u64, u64)>>(&joint).ok()?);
+            }
             Some(Released {
                 release: Release {
                     reused: true,
                     ..release
                 },
-                reservation: reservation as u64,
-                commit: commit as u64,
+                entries,
             })
         }))
     }
 
     /// Keeps a release for [`Gate::cached`]. A failure only costs a later identical query its
     /// budget, so it is logged, not raised.
-    fn remember(
-        &self,
-        scenario_id: &str,
-        key: &str,
-        release: &Release,
-        reservation: u64,
-        commit: u64,
-    ) {
+    fn remember(&self, scenario_id: &str, key: &str, release: &Release, entries: &[(u64, u64)]) {
+        let Some(((reservation, commit), joint)) = entries.split_first() else {
+            return;
+        };
         let stored = serde_json::to_string(release).map_err(|e| e.to_string()).and_then(|text| {
-            self.store
-                .conn()
-                .execute(
-                    "INSERT OR IGNORE INTO release_cache (scenario_id, request_key, release, reservation, commit_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    rusqlite::params![scenario_id, key, text, reservation as i64, commit as i64, crate::now_rfc3339()],
+            let mut conn = self.store.conn();
+            let tx = conn.transaction().map_err(|e| e.to_string())?;
+            tx.execute(
+                "INSERT OR IGNORE INTO release_cache (scenario_id, request_key, release, reservation, commit_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![scenario_id, key, text, *reservation as i64, *commit as i64, crate::now_rfc3339()],
+            )
+            .map_err(|e| e.to_string())?;
+            if !joint.is_empty() {
+                let joint = serde_json::to_string(joint).map_err(|e| e.to_string())?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO release_cache_joint (scenario_id, request_key, entries) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![scenario_id, key, joint],
                 )
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            }
+            tx.commit().map_err(|e| e.to_string())
         });
         if let Err(e) = stored {
             tracing::warn!("could not keep a release for reuse: {e}");
@@ -537,14 +558,27 @@ impl Gate {
             return blocks::prepare(grant, &plan, request, sa, &self.limits);
         }
         let shape = plan::analyse(&plan, grant, request)?;
-        let policy = &grant.datasets[&shape.table];
-        // The open attribute as it is now: an operator may have changed it mid-job.
-        let exact = match crate::catalog::policy(&self.store, &policy.id)?.map(|p| p.open_attribute)
-        {
-            Some(OpenAttribute::Unconditional) => true,
-            Some(OpenAttribute::Conditional) => false,
-            Some(OpenAttribute::Closed) | None => return Err(closed(&policy.id)),
-        };
+        let policies: Vec<&DatasetPolicy> =
+            shape.tables.iter().map(|t| &grant.datasets[t]).collect();
+        // The open attributes as they are now: an operator may have changed one mid-job. Only
+        // unconditional data is answered exactly; joined with conditional data it is charged
+        // nothing, but the release is noised for the other's sake.
+        let mut unconditional = Vec::with_capacity(policies.len());
+        for policy in &policies {
+            unconditional.push(
+                match crate::catalog::policy(&self.store, &policy.id)?.map(|p| p.open_attribute) {
+                    Some(OpenAttribute::Unconditional) => true,
+                    Some(OpenAttribute::Conditional) => false,
+                    Some(OpenAttribute::Closed) | None => return Err(closed(&policy.id)),
+                },
+            );
+        }
+        let exact = unconditional.iter().all(|u| *u);
+        let min_group = grant
+            .scenario
+            .min_group_size
+            .unwrap_or(0)
+            .max(policies.iter().map(|p| p.min_group_size).max().unwrap_or(0));
 
         // Price every measurement before touching data.
         let per_measure = budget.with_amount(budget.amount() / shape.measures.len() as f64);
@@ -557,11 +591,6 @@ impl Gate {
                 )
             })?;
             let delta = valid_delta(delta)?;
-            let min_group = grant
-                .scenario
-                .min_group_size
-                .unwrap_or(0)
-                .max(policy.min_group_size);
             // Under ρ the threshold takes half of δ; converting ρ to ε takes the rest.
             let threshold_delta = match budget {
                 Budget::Pure { .. } => delta,
@@ -654,9 +683,30 @@ impl Gate {
                 ";keys by noisy count ≥ {}",
                 t.threshold
             )) + &rho.map_or(String::new(), |r| format!(";ρ={r} as (ε, δ)"))
+                + &if policies.len() > 1 {
+                    format!(
+                        ";join of {}",
+                        policies
+                            .iter()
+                            .map(|p| p.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                }
         );
+        let charges = policies
+            .iter()
+            .zip(&unconditional)
+            .map(|(p, free)| Charge {
+                dataset_id: p.id.clone(),
+                epsilon: if *free { 0.0 } else { epsilon },
+                delta: if *free { 0.0 } else { delta },
+            })
+            .collect();
         Ok(Prepared {
-            dataset_id: policy.id.clone(),
+            charges,
             mechanism,
             mode: shape.mode,
             epsilon,
@@ -671,6 +721,7 @@ impl Gate {
                     epsilon,
                     delta,
                     rho,
+                    min_group,
                 },
                 shape,
             },
@@ -686,8 +737,6 @@ impl Gate {
         pricing: &Pricing,
         reservation: u64,
     ) -> Result<Release, GateError> {
-        let policy = &grant.datasets[&shape.table];
-        let scenario = &grant.scenario;
         // Person-level data: pass 1 counts each person's rows, pass 2 (inside the aggregate
         // plan) keeps a random k of them.
         let selection = match &shape.unit {
@@ -882,10 +931,7 @@ impl Gate {
         let min_group = if pricing.exact || pricing.threshold.is_some() {
             0.0
         } else {
-            scenario
-                .min_group_size
-                .unwrap_or(0)
-                .max(policy.min_group_size) as f64
+            pricing.min_group as f64
         };
         let counts = &noisy[0]; // measure 0 is always the row count
         let mut suppressed = 0u64;
@@ -1072,10 +1118,18 @@ fn budget(request: &QueryRequest) -> Result<Budget, GateError> {
     }
 }
 
+/// What one dataset is charged for a release.
+struct Charge {
+    dataset_id: String,
+    epsilon: f64,
+    delta: f64,
+}
+
 /// A checked, priced query.
 struct Prepared {
     work: Work,
-    dataset_id: String,
+    /// One per dataset read: a join charges each (unconditional ones nothing).
+    charges: Vec<Charge>,
     /// What the ledger entry says is released.
     mechanism: String,
     /// How guest code ran over rows for it (the ledger's `mode`).
@@ -1107,6 +1161,8 @@ struct Pricing {
     delta: f64,
     /// Under zCDP, what the release spends before conversion to (ε, δ).
     rho: Option<f64>,
+    /// The minimum group size: the scenario's or the largest of its datasets'.
+    min_group: u64,
 }
 
 /// The text key of each group slot, in slot order.

@@ -7,7 +7,8 @@ use arrow::datatypes::DataType;
 use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, cast, lit,
+    Aggregate, Expr, ExprSchemable, Join, JoinType, LogicalPlan, LogicalPlanBuilder, Operator,
+    cast, lit,
 };
 use unseen_guest::contract::{ColumnKind, QueryRequest};
 
@@ -284,7 +285,8 @@ pub enum OutputSpec {
 /// What the gate computes for one query.
 #[derive(Debug, Clone)]
 pub struct QueryShape {
-    pub table: String,
+    /// The datasets' tables the query reads (more than one for a join), each once.
+    pub tables: Vec<String>,
     /// For a person-level dataset: the unit column and the rows each person may contribute.
     pub unit: Option<UnitBound>,
     pub groups: Vec<GroupSpec>,
@@ -408,25 +410,41 @@ pub fn analyse(
         ..
     } = agg;
 
-    let mut tables = Vec::new();
-    check_input(input, grant, &mut tables)?;
-    let table = match tables.as_slice() {
-        [one] => one.clone(),
-        _ => {
-            return Err(refuse(
-                "unsupported_query",
-                "a query reads exactly one table (joins are not supported yet)",
-            ));
+    let mut scans = Vec::new();
+    check_input(input, grant, &mut scans)?;
+    // A self-join reads one dataset twice: one dataset, charged once.
+    let mut tables: Vec<String> = Vec::new();
+    for t in scans {
+        if !tables.contains(&t) {
+            tables.push(t);
         }
-    };
-    let policy = &grant.datasets[&table];
-    if policy.open_attribute == OpenAttribute::Closed {
+    }
+    let policies: Vec<&crate::catalog::DatasetPolicy> =
+        tables.iter().map(|t| &grant.datasets[t]).collect();
+    if let Some(closed) = policies
+        .iter()
+        .find(|p| p.open_attribute == OpenAttribute::Closed)
+    {
         return Err(refuse(
             "dataset_closed",
-            format!("dataset {:?} is closed (不予开放)", policy.id),
+            format!("dataset {:?} is closed (不予开放)", closed.id),
         ));
     }
-    let mut unit = unit_bound(policy, grant, request)?;
+    let policy = policies[0];
+    let mut unit = unit_bound(&policies, grant, request, input)?;
+    // A column's catalogue entry: the dataset whose scan it comes from (through subqueries and
+    // joins), else the first of the query's datasets that has a column of that name.
+    let catalogued = |e: &Expr| -> Option<&crate::catalog::ColumnPolicy> {
+        let name = column_of(e)?;
+        let traced = match unalias(e) {
+            Expr::Column(c) => scan_column_of(input, c),
+            _ => None,
+        };
+        match traced {
+            Some((table, column)) => grant.datasets.get(&table)?.columns.get(&column),
+            None => policies.iter().find_map(|p| p.columns.get(&name)),
+        }
+    };
 
     let mut groups = Vec::new();
     for g in group_expr {
@@ -449,10 +467,7 @@ pub fn analyse(
                 ),
             ));
         };
-        let keys = policy
-            .columns
-            .get(&c.name)
-            .and_then(|p| p.public_keys.clone());
+        let keys = catalogued(unalias(g)).and_then(|p| p.public_keys.clone());
         if keys.is_none() && request.delta.is_none() {
             return Err(refuse(
                 "key_not_public",
@@ -482,7 +497,17 @@ pub fn analyse(
         ));
     }
 
-    let group_bound = group_bound(policy, grant, request, unit.as_ref(), &groups, input)?;
+    let joined = super::bound::source(input).is_some_and(super::bound::joined);
+    let group_bound = if !joined {
+        group_bound(policy, grant, request, unit.as_ref(), &groups, input)?
+    } else if request.max_groups_per_unit.is_some() {
+        return Err(refuse(
+            "invalid_group_bound",
+            "max_groups_per_unit applies to one dataset's own columns; a join pays for k groups per person: drop it",
+        ));
+    } else {
+        None
+    };
     if let Some(unit) = unit.as_mut() {
         unit.groups = group_bound;
     }
@@ -500,12 +525,12 @@ pub fn analyse(
     };
     // A column's clamping bounds: the query's, else the catalogue's; none is a refusal that
     // says how to give them.
-    let bounds_of = |column: &String, e: &Expr| -> Result<[f64; 2], GateError> {
+    let bounds_of = |column: &String, x: &Expr, e: &Expr| -> Result<[f64; 2], GateError> {
         request
             .bounds
             .get(column)
             .copied()
-            .or_else(|| policy.columns.get(column).and_then(|c| c.bounds))
+            .or_else(|| catalogued(x).and_then(|c| c.bounds))
             .ok_or_else(|| {
                 refuse(
                     "unbounded_column",
@@ -560,7 +585,7 @@ pub fn analyse(
                     format!("{e}: {column:?} is not numeric"),
                 ));
             }
-            let bounds = bounds_of(&column, e)?;
+            let bounds = bounds_of(&column, x, e)?;
             Ok((column, bounds))
         };
         // DataFusion 55's SQL planner still gives `COUNT(*)` a wildcard argument (deprecated
@@ -691,7 +716,7 @@ pub fn analyse(
 
     let mode = guest_udf_mode(plan).map_or("query", |m| m.as_str());
     Ok(QueryShape {
-        table,
+        tables,
         unit,
         groups,
         measures,
@@ -701,51 +726,204 @@ pub fn analyse(
     })
 }
 
-/// The contribution bound for a person-level dataset: the catalogue's, lowered by the scenario
-/// and the query (which may not raise it).
+/// The contribution bound for person-level data: the catalogue's, lowered by the scenario and
+/// the query (which may not raise it), with the column that names each row's person in the
+/// rows it applies to (`bound::source`: one scan and its filters, or a join and the filters on
+/// it). A join's bound is the largest of its datasets': a person's rows in a dataset of one
+/// row per person meet as many rows of the other as that one allows.
 fn unit_bound(
-    policy: &crate::catalog::DatasetPolicy,
+    policies: &[&crate::catalog::DatasetPolicy],
     grant: &JobGrant,
     request: &QueryRequest,
+    input: &LogicalPlan,
 ) -> Result<Option<UnitBound>, GateError> {
-    if policy.privacy_unit == "row" {
+    let source = super::bound::source(input).ok_or_else(plan_error_text)?;
+    let join = super::bound::joined(source);
+    if let Some(rows) = policies.iter().find(|p| p.privacy_unit == "row") {
+        if join {
+            return Err(refuse(
+                "unsupported_join",
+                format!(
+                    "dataset {:?} protects each row, not a person; joins are bounded per person, so every joined dataset needs a privacy unit (and the join equates them)",
+                    rows.id
+                ),
+            ));
+        }
         if request.max_rows_per_unit.is_some() {
             return Err(refuse(
                 "invalid_row_bound",
                 format!(
                     "dataset {:?} protects each row, so there is no per-person row bound to set; drop max_rows_per_unit",
-                    policy.id
+                    rows.id
                 ),
             ));
         }
         return Ok(None);
     }
-    let mut k = policy.max_rows_per_unit.ok_or_else(|| {
-        refuse(
-            "internal",
-            "the catalogue entry has no per-person row bound",
-        )
-    })?;
-    if let Some(s) = grant.scenario.application.max_rows_per_unit {
-        k = k.min(s.max(1));
+    let mut k = 0;
+    for policy in policies {
+        let mut own = policy.max_rows_per_unit.ok_or_else(|| {
+            refuse(
+                "internal",
+                "the catalogue entry has no per-person row bound",
+            )
+        })?;
+        if let Some(s) = grant.scenario.application.max_rows_per_unit {
+            own = own.min(s.max(1));
+        }
+        k = k.max(own);
     }
+    let mut units: Vec<&str> = Vec::new();
+    for p in policies {
+        if !units.contains(&p.privacy_unit.as_str()) {
+            units.push(&p.privacy_unit);
+        }
+    }
+    let column = units.join("=");
     if let Some(q) = request.max_rows_per_unit {
         if q == 0 || q > k {
             return Err(refuse(
                 "invalid_row_bound",
                 format!(
-                    "max_rows_per_unit {q}: must be 1 to {k}, the bound the catalogue and the scenario allow for {:?}",
-                    policy.privacy_unit
+                    "max_rows_per_unit {q}: must be 1 to {k}, the bound the catalogue and the scenario allow for {column:?}"
                 ),
             ));
         }
         k = q;
     }
+    let key = if join {
+        join_key(input, source, grant)?
+    } else {
+        let (qualifier, field) = source
+            .schema()
+            .qualified_field_with_unqualified_name(&policies[0].privacy_unit)
+            .map_err(|_| plan_error_text())?;
+        Column::new(qualifier.cloned(), field.name())
+    };
     Ok(Some(UnitBound {
-        column: policy.privacy_unit.clone(),
+        column,
+        key,
         max_rows: k,
         groups: None,
     }))
+}
+
+/// The column of a join's rows that names their person. Every join below the aggregate must
+/// be an inner join whose condition equates a privacy-unit column of its left side with one of
+/// its right side (each traced to its dataset's scan, unrenamed). Then every row of the join
+/// belongs to one value of that column, the same in every joined dataset, and keeping at most
+/// k rows per value bounds what any one person of any of the datasets can change — whether or
+/// not the datasets' persons are the same people.
+fn join_key(
+    input: &LogicalPlan,
+    source: &LogicalPlan,
+    grant: &JobGrant,
+) -> Result<Column, GateError> {
+    let mut failure = None;
+    let _ = input.apply(|node| {
+        if let LogicalPlan::Join(j) = node
+            && let Err(e) = join_unit_column(j, grant)
+        {
+            failure = Some(e);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    match super::bound::split_filters(source).0 {
+        LogicalPlan::Join(j) => join_unit_column(j, grant),
+        _ => Err(plan_error_text()),
+    }
+}
+
+/// One join's person column (its left side's), if the join is one the gate can bound.
+fn join_unit_column(j: &Join, grant: &JobGrant) -> Result<Column, GateError> {
+    const HINT: &str = "join datasets on their privacy units, e.g. FROM trips t JOIN riders r ON t.person_id = r.person_id";
+    if j.join_type != JoinType::Inner {
+        return Err(refuse(
+            "unsupported_join",
+            format!(
+                "only inner joins are supported: a {} join adds rows for persons missing on one side; {HINT}",
+                j.join_type
+            ),
+        ));
+    }
+    let unit_of = |side: &LogicalPlan, c: &Column| -> bool {
+        scan_column_of(side, c).is_some_and(|(table, column)| {
+            grant
+                .datasets
+                .get(&table)
+                .is_some_and(|p| p.privacy_unit != "row" && p.privacy_unit == column)
+        })
+    };
+    let mut pairs: Vec<(&Expr, &Expr)> = j.on.iter().map(|(l, r)| (l, r)).collect();
+    if let Some(filter) = &j.filter {
+        for conjunct in datafusion::logical_expr::utils::split_conjunction(filter) {
+            if let Expr::BinaryExpr(b) = conjunct
+                && b.op == Operator::Eq
+            {
+                pairs.push((&b.left, &b.right));
+                pairs.push((&b.right, &b.left));
+            }
+        }
+    }
+    pairs
+        .into_iter()
+        .find_map(|(l, r)| match (unalias(l), unalias(r)) {
+            (Expr::Column(l), Expr::Column(r))
+                if j.left.schema().has_column(l)
+                    && j.right.schema().has_column(r)
+                    && unit_of(&j.left, l)
+                    && unit_of(&j.right, r) =>
+            {
+                Some(l.clone())
+            }
+            _ => None,
+        })
+        .ok_or_else(|| {
+            refuse(
+                "unsupported_join",
+                format!(
+                    "a join must equate the two sides' privacy-unit columns (as the datasets name them, not renamed), so that each joined row belongs to one person; {HINT}"
+                ),
+            )
+        })
+}
+
+/// The dataset table and column that `c` (a column of `plan`'s output) is, unrenamed and
+/// uncomputed, traced through projections, aliases, filters and joins down to its scan.
+fn scan_column_of(plan: &LogicalPlan, c: &Column) -> Option<(String, String)> {
+    match plan {
+        LogicalPlan::TableScan(scan) => scan
+            .projected_schema
+            .has_column(c)
+            .then(|| (scan.table_name.table().to_string(), c.name.clone())),
+        LogicalPlan::Projection(p) => {
+            let i = p.schema.index_of_column(c).ok()?;
+            match unalias(&p.expr[i]) {
+                Expr::Column(inner) => scan_column_of(&p.input, inner),
+                _ => None,
+            }
+        }
+        LogicalPlan::Filter(f) => scan_column_of(&f.input, c),
+        LogicalPlan::SubqueryAlias(s) => {
+            let i = s.schema.index_of_column(c).ok()?;
+            let (qualifier, field) = s.input.schema().qualified_field(i);
+            scan_column_of(&s.input, &Column::new(qualifier.cloned(), field.name()))
+        }
+        LogicalPlan::Join(j) => {
+            if j.left.schema().has_column(c) {
+                scan_column_of(&j.left, c)
+            } else if j.right.schema().has_column(c) {
+                scan_column_of(&j.right, c)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
 }
 
 /// The bound on groups per person, where it lowers the price: for a person-level dataset,
@@ -979,10 +1157,23 @@ pub(super) fn check_input(
             check_input(&p.input, grant, tables)
         }
         LogicalPlan::SubqueryAlias(s) => check_input(&s.input, grant, tables),
+        // Which joins the gate can bound (inner, on the privacy units) is `join_key`'s to say;
+        // here, that their conditions cannot fail either.
+        LogicalPlan::Join(j) => {
+            for (l, r) in &j.on {
+                check_expr(l, j.left.schema())?;
+                check_expr(r, j.right.schema())?;
+            }
+            if let Some(f) = &j.filter {
+                check_expr(f, &j.schema)?;
+            }
+            check_input(&j.left, grant, tables)?;
+            check_input(&j.right, grant, tables)
+        }
         _ => Err(refuse(
             "unsupported_query",
             format!(
-                "below the aggregate only WHERE filters and column selection are supported (no joins, unions, windows, limits, subqueries or nested aggregates yet): {SHAPE_HINT}"
+                "below the aggregate only WHERE filters, column selection and inner joins on the privacy unit are supported (no unions, windows, limits or nested aggregates): {SHAPE_HINT}"
             ),
         )),
     }

@@ -148,6 +148,9 @@ pub struct LedgerEvidence {
 pub struct ReleaseEvidence {
     pub reservation: InclusionProof,
     pub commit: InclusionProof,
+    /// A join's release is charged to each dataset it read: the entries on the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joint: Vec<ReleaseEvidence>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -605,14 +608,27 @@ impl Runner {
         let evidence = released
             .iter()
             .map(|r| {
-                Ok(ReleaseEvidence {
-                    reservation: self
-                        .ledger
-                        .inclusion_proof(r.reservation, checkpoint.tree_size)?,
-                    commit: self
-                        .ledger
-                        .inclusion_proof(r.commit, checkpoint.tree_size)?,
-                })
+                let mut pairs = r
+                    .entries
+                    .iter()
+                    .map(|(reservation, commit)| {
+                        Ok(ReleaseEvidence {
+                            reservation: self
+                                .ledger
+                                .inclusion_proof(*reservation, checkpoint.tree_size)?,
+                            commit: self.ledger.inclusion_proof(*commit, checkpoint.tree_size)?,
+                            joint: Vec::new(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, crate::ledger::LedgerError>>()?;
+                if pairs.is_empty() {
+                    return Err(crate::ledger::LedgerError::Invalid(
+                        "a release without ledger entries".into(),
+                    ));
+                }
+                let mut first = pairs.remove(0);
+                first.joint = pairs;
+                Ok(first)
             })
             .collect::<Result<Vec<_>, crate::ledger::LedgerError>>()
             .map_err(|e| internal(e.to_string()))?;

@@ -627,20 +627,31 @@ impl Ledger {
     /// Callers must read no data for this release before this returns `Ok`, and must
     /// [`commit`](Self::commit) before the release leaves the gate.
     pub fn reserve(&self, r: &Reservation<'_>) -> Result<Entry, LedgerError> {
-        let delta = short_decimal_at_least(r.delta);
-        let ((), mut entries) = self.transact(|tx| {
-            let caps = Self::grant_in(tx, r.scenario_id, r.dataset_id)?
-                .ok_or_else(|| LedgerError::NoGrant(r.dataset_id.to_string()))?;
-            let spent = totals_in(
-                tx,
-                total_keys(r.job_id, r.scenario_id, r.developer_id, r.dataset_id),
-            )?;
-            check_caps(&caps, spent, r.epsilon)?;
-            let spent_delta = totals_in(tx, delta_keys(r.scenario_id, r.dataset_id))?;
-            check_delta(&caps, spent_delta, delta)?;
-            Ok::<_, LedgerError>((
-                (),
-                vec![Event::Reserve {
+        self.reserve_all(std::slice::from_ref(r))?
+            .pop()
+            .ok_or_else(|| LedgerError::Invalid("nothing appended".into()))
+    }
+
+    /// Reserves one release's debits on several datasets (a join's): one entry per dataset,
+    /// each checked against that dataset's caps, all written in one transaction or none.
+    ///
+    /// # Privacy
+    /// As [`reserve`](Self::reserve), for every entry.
+    pub fn reserve_all(&self, all: &[Reservation<'_>]) -> Result<Vec<Entry>, LedgerError> {
+        let ((), entries) = self.transact(|tx| {
+            let mut events = Vec::with_capacity(all.len());
+            for r in all {
+                let delta = short_decimal_at_least(r.delta);
+                let caps = Self::grant_in(tx, r.scenario_id, r.dataset_id)?
+                    .ok_or_else(|| LedgerError::NoGrant(r.dataset_id.to_string()))?;
+                let spent = totals_in(
+                    tx,
+                    total_keys(r.job_id, r.scenario_id, r.developer_id, r.dataset_id),
+                )?;
+                check_caps(&caps, spent, r.epsilon)?;
+                let spent_delta = totals_in(tx, delta_keys(r.scenario_id, r.dataset_id))?;
+                check_delta(&caps, spent_delta, delta)?;
+                events.push(Event::Reserve {
                     job_id: r.job_id.into(),
                     scenario_id: r.scenario_id.into(),
                     dataset_id: r.dataset_id.into(),
@@ -649,12 +660,14 @@ impl Ledger {
                     delta,
                     mechanism: r.mechanism.clone(),
                     mode: r.mode.into(),
-                }],
-            ))
+                });
+            }
+            Ok::<_, LedgerError>(((), events))
         })?;
-        entries
-            .pop()
-            .ok_or_else(|| LedgerError::Invalid("nothing appended".into()))
+        if entries.len() != all.len() {
+            return Err(LedgerError::Invalid("not every debit was appended".into()));
+        }
+        Ok(entries)
     }
 
     /// Closes a reservation.
@@ -664,25 +677,34 @@ impl Ledger {
         released: bool,
         note: &str,
     ) -> Result<Entry, LedgerError> {
-        let Event::Reserve { job_id, .. } = &reservation.body.event else {
-            return Err(LedgerError::Invalid(
-                "only a reservation can be committed".into(),
-            ));
-        };
-        let ((), mut entries) = self.transact(|_| {
-            Ok::<_, LedgerError>((
-                (),
-                vec![Event::Commit {
+        self.commit_all(std::slice::from_ref(reservation), released, note)?
+            .pop()
+            .ok_or_else(|| LedgerError::Invalid("nothing appended".into()))
+    }
+
+    /// Closes the reservations of one release together.
+    pub fn commit_all(
+        &self,
+        reservations: &[Entry],
+        released: bool,
+        note: &str,
+    ) -> Result<Vec<Entry>, LedgerError> {
+        let events = reservations
+            .iter()
+            .map(|reservation| match &reservation.body.event {
+                Event::Reserve { job_id, .. } => Ok(Event::Commit {
                     job_id: job_id.clone(),
                     reservation: reservation.body.seq,
                     released,
                     note: note.into(),
-                }],
-            ))
-        })?;
-        entries
-            .pop()
-            .ok_or_else(|| LedgerError::Invalid("nothing appended".into()))
+                }),
+                _ => Err(LedgerError::Invalid(
+                    "only a reservation can be committed".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ((), entries) = self.transact(|_| Ok::<_, LedgerError>(((), events)))?;
+        Ok(entries)
     }
 
     /// Closes every reservation left open (by a crash): they stay charged, marked `interrupted`.

@@ -111,6 +111,14 @@ CREATE TABLE IF NOT EXISTS release_cache (
     created_at TEXT NOT NULL,
     PRIMARY KEY (scenario_id, request_key)
 );
+-- A kept release's ledger entries on its other datasets (a join's), as JSON pairs of
+-- (reservation, commit); the first dataset's are in release_cache itself.
+CREATE TABLE IF NOT EXISTS release_cache_joint (
+    scenario_id TEXT NOT NULL,
+    request_key TEXT NOT NULL,
+    entries TEXT NOT NULL,
+    PRIMARY KEY (scenario_id, request_key)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size INTEGER PRIMARY KEY,
     root TEXT NOT NULL,

@@ -10,6 +10,7 @@ mod governance;
 mod guest_functions;
 mod hostile_modules;
 mod http_errors;
+mod joins;
 mod ledger;
 mod lifecycle;
 mod privacy_units;
