@@ -74,6 +74,8 @@ impl std::fmt::Debug for ExactAggregate {
 
 pub struct JobSession {
     ctx: SessionContext,
+    /// Each table's file as it was when the session opened (path, length, modification time).
+    files: HashMap<String, (PathBuf, u64, Option<SystemTime>)>,
     /// This job's own spill directory, removed with everything in it when the session ends
     /// (declared after `ctx`, so DataFusion lets go of it first). DataFusion removes its files
     /// as operators finish, but a query that fails mid-spill can leave some behind.
@@ -235,7 +237,14 @@ impl JobSession {
             ])
             .build();
         let ctx = SessionContext::new_with_state(state);
+        let mut files = HashMap::new();
         for spec in tables {
+            if let Ok(meta) = std::fs::metadata(&spec.path) {
+                files.insert(
+                    spec.table.clone(),
+                    (spec.path.clone(), meta.len(), meta.modified().ok()),
+                );
+            }
             let key = cache.filter(|c| c.budget > 0).and_then(|c| {
                 // Decide before decoding: a table that would not fit is scanned from the file.
                 if uncompressed_bytes(&spec.path, &spec.columns)?.saturating_mul(2) > c.budget {
@@ -302,7 +311,11 @@ impl JobSession {
             ctx.register_table(spec.table.as_str(), provider)
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
         }
-        Ok(JobSession { ctx, _spill: spill })
+        Ok(JobSession {
+            ctx,
+            files,
+            _spill: spill,
+        })
     }
 
     /// The session's memory pool, for the gate's own tables over rows.
@@ -346,6 +359,38 @@ impl JobSession {
             .map_err(|_| EngineError::Execution)?;
         let batches = df.collect().await.map_err(|_| EngineError::Execution)?;
         Ok(ExactAggregate(batches))
+    }
+
+    /// The smallest and largest value of an integer column of `table` and the table's rows,
+    /// from its Parquet file's statistics, if every row group has them and the file is the one
+    /// the session opened. Bounds every value a scan of the table yields (with or without
+    /// filters), so the gate can size tables by it without a pass over the rows.
+    pub fn integer_range(&self, table: &str, column: &str) -> Option<(i64, i64, u64)> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        use parquet::file::statistics::Statistics;
+        let (path, len, modified) = self.files.get(table)?;
+        let same = |m: &std::fs::Metadata| m.len() == *len && m.modified().ok() == *modified;
+        let file = std::fs::File::open(path).ok()?;
+        if !same(&file.metadata().ok()?) {
+            return None;
+        }
+        let reader = SerializedFileReader::new(file).ok()?;
+        let (mut lo, mut hi, mut rows) = (i64::MAX, i64::MIN, 0u64);
+        for rg in reader.metadata().row_groups() {
+            rows += u64::try_from(rg.num_rows()).ok()?;
+            let c = rg
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == column)?;
+            let (min, max) = match c.statistics()? {
+                Statistics::Int64(s) => (*s.min_opt()?, *s.max_opt()?),
+                Statistics::Int32(s) => (i64::from(*s.min_opt()?), i64::from(*s.max_opt()?)),
+                _ => return None,
+            };
+            lo = lo.min(min);
+            hi = hi.max(max);
+        }
+        (lo <= hi).then_some((lo, hi, rows))
     }
 
     /// Runs `plan` with each of its output partitions on a task of its own, folding that

@@ -894,7 +894,7 @@ fn join_unit_column(j: &Join, grant: &JobGrant) -> Result<Column, GateError> {
 
 /// The dataset table and column that `c` (a column of `plan`'s output) is, unrenamed and
 /// uncomputed, traced through projections, aliases, filters and joins down to its scan.
-fn scan_column_of(plan: &LogicalPlan, c: &Column) -> Option<(String, String)> {
+pub(super) fn scan_column_of(plan: &LogicalPlan, c: &Column) -> Option<(String, String)> {
     match plan {
         LogicalPlan::TableScan(scan) => scan
             .projected_schema
