@@ -482,6 +482,58 @@ mod tests {
         out.0[0].column(0).as_primitive::<Int64Type>().value(0)
     }
 
+    /// The ids' range comes from the file's statistics while the file is the one the session
+    /// opened, and not at all from a file without statistics or one replaced since.
+    #[tokio::test]
+    async fn integer_ranges_come_from_statistics_of_the_file_opened() {
+        use arrow::array::Int64Array;
+        use parquet::file::properties::{EnabledStatistics, WriterProperties};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, ids: Vec<i64>, stats: EnabledStatistics| {
+            let path = dir.path().join(name);
+            let batch =
+                RecordBatch::try_from_iter([("person_id", Arc::new(Int64Array::from(ids)) as _)])
+                    .unwrap();
+            let props = WriterProperties::builder()
+                .set_statistics_enabled(stats)
+                .set_max_row_group_size(100)
+                .build();
+            let mut w = parquet::arrow::ArrowWriter::try_new(
+                std::fs::File::create(&path).unwrap(),
+                batch.schema(),
+                Some(props),
+            )
+            .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            path
+        };
+        let ids: Vec<i64> = (0..250).map(|i| 1000 + (i * 37) % 250).collect();
+        let with = write("with.parquet", ids.clone(), EnabledStatistics::Chunk);
+        let without = write("without.parquet", ids, EnabledStatistics::None);
+        let spec = |table: &str, path: &std::path::Path| TableSpec {
+            table: table.into(),
+            path: path.to_path_buf(),
+            columns: vec!["person_id".into()],
+            in_memory: false,
+        };
+        let resources = Resources {
+            memory_bytes: 1 << 26,
+            spill: None,
+        };
+        let s = JobSession::new(&[spec("a", &with), spec("b", &without)], &resources, None)
+            .await
+            .unwrap();
+        // Three row groups, their minima and maxima combined.
+        assert_eq!(s.integer_range("a", "person_id"), Some((1000, 1249, 250)));
+        assert_eq!(s.integer_range("b", "person_id"), None);
+        assert_eq!(s.integer_range("a", "fare"), None);
+        // The file replaced after the session opened: its statistics are not the table's.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write("with.parquet", vec![5, 6, 7], EnabledStatistics::Chunk);
+        assert_eq!(s.integer_range("a", "person_id"), None);
+    }
+
     #[tokio::test]
     async fn decoded_tables_are_shared_until_the_file_changes() {
         let dir = tempfile::tempdir().unwrap();
