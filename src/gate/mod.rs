@@ -1,8 +1,9 @@
 //! The egress gate: the only code that turns data into something a module may see.
 //!
-//! For each query a module asks: check the SQL's shape against the scenario (one table, an
-//! aggregate on top, group keys that are public in the catalogue, `COUNT`/`SUM`/`AVG` over
-//! clamped columns, filters that cannot fail on data); price it with OpenDP's stability and
+//! For each query a module asks: check the SQL's shape against the scenario (one table or an
+//! inner join of tables on their privacy units, an aggregate on top, group keys that are public
+//! in the catalogue, `COUNT`/`SUM`/`AVG` over clamped columns, filters that cannot fail on
+//! data); price it with OpenDP's stability and
 //! privacy maps; debit the ledger durably; only then compute exact aggregates with DataFusion,
 //! add OpenDP noise, suppress groups under the minimum size, and build the [`Release`].
 //!
