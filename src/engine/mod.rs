@@ -496,7 +496,7 @@ mod tests {
                     .unwrap();
             let props = WriterProperties::builder()
                 .set_statistics_enabled(stats)
-                .set_max_row_group_size(100)
+                .set_max_row_group_row_count(Some(100))
                 .build();
             let mut w = parquet::arrow::ArrowWriter::try_new(
                 std::fs::File::create(&path).unwrap(),

@@ -90,19 +90,7 @@ impl Groups {
 
     /// Counts a row of group `hash` for the person at `slot`.
     fn add(&mut self, slot: usize, hash: u64) {
-        let g = self.max_groups;
-        let entries = &mut self.entries[slot * g..(slot + 1) * g];
-        if let Some(e) = entries.iter_mut().find(|e| e.1 > 0 && e.0 == hash) {
-            e.1 = e.1.saturating_add(1);
-        } else if let Some(e) = entries.iter_mut().find(|e| e.1 == 0) {
-            *e = (hash, 1);
-        } else if let Some(e) = entries.iter_mut().max_by_key(|e| e.0)
-            && hash < e.0
-        {
-            // A group with a smaller hash displaces the largest; the displaced one can never
-            // come back (its hash stays above g others).
-            *e = (hash, 1);
-        }
+        self.add_rows(slot, hash, 1);
     }
 
     /// Counts `rows` rows of group `hash` for the person at `slot` at once (merging another
@@ -119,6 +107,8 @@ impl Groups {
         } else if let Some(e) = entries.iter_mut().max_by_key(|e| e.0)
             && hash < e.0
         {
+            // A group with a smaller hash displaces the largest; the displaced one can never
+            // come back (its hash stays above g others).
             *e = (hash, rows);
         }
     }

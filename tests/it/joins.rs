@@ -7,32 +7,17 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Float64Array, Int64Array, StringArray};
+use arrow::array::{Int64Array, StringArray};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::Server;
 
-/// Trips: person 1 takes 200 trips in D01 at fares 1..=200; persons 2–101 one trip each in
-/// D02 at fare 10. Riders: one row per person 1–101 (1–60 "young", 61–101 "old"), and rider
-/// 500, who took no trip.
+/// Trips (`support::write_people`): person 1 takes 200 trips in D01 at fares 1..=200; persons
+/// 2–101 one trip each in D02 at fare 10. Riders: one row per person 1–101 (1–60 "young",
+/// 61–101 "old"), and rider 500, who took no trip.
 fn write_data(dir: &std::path::Path) {
-    let mut person = vec![1i64; 200];
-    let mut district = vec!["D01"; 200];
-    let mut fare: Vec<f64> = (1..=200).map(f64::from).collect();
-    for p in 2..=101 {
-        person.push(p);
-        district.push("D02");
-        fare.push(10.0);
-    }
-    crate::support::write_parquet(
-        &dir.join("data/jtrips.parquet"),
-        vec![
-            ("person_id", Arc::new(Int64Array::from(person))),
-            ("district", Arc::new(StringArray::from(district))),
-            ("fare", Arc::new(Float64Array::from(fare))),
-        ],
-    );
+    crate::support::write_people(&dir.join("data/jtrips.parquet"));
     let riders: Vec<i64> = (1..=101).chain([500]).collect();
     let band: Vec<&str> = riders
         .iter()
@@ -294,17 +279,7 @@ async fn a_join_is_charged_to_every_dataset_at_once_or_to_none() {
     );
 
     // The export verifies offline, the join's two debits included.
-    let (_, key) = s
-        .call(Method::GET, "/v1/ledger/public-key", &s.auditor, None)
-        .await;
-    let export = s.ledger_export().await;
-    let parsed = unseen::ledger::read_export(export.as_bytes()).unwrap();
-    let summary = unseen::ledger::verify(
-        &parsed.entries,
-        parsed.checkpoint.as_ref(),
-        key["public_key"].as_str().unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("{e:?}"));
+    let summary = s.verified_ledger().await;
     assert_eq!(summary.reservations, 3);
     assert!((summary.per_dataset["riders_dp"].spent - 1.0).abs() < 1e-9);
     assert!((summary.per_dataset["jtrips_dp"].spent - 0.5).abs() < 1e-9);

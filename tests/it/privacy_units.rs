@@ -7,32 +7,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Float64Array, Int64Array, StringArray};
+use arrow::array::{Int64Array, StringArray};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::Server;
-
-/// Person 1 takes 200 trips in D01 with fares 1, 2, …, 200; persons 2–101 one trip each in
-/// D02 at fare 10.
-fn write_people(path: &std::path::Path) {
-    let mut person = vec![1i64; 200];
-    let mut district = vec!["D01"; 200];
-    let mut fare: Vec<f64> = (1..=200).map(f64::from).collect();
-    for p in 2..=101 {
-        person.push(p);
-        district.push("D02");
-        fare.push(10.0);
-    }
-    crate::support::write_parquet(
-        path,
-        vec![
-            ("person_id", Arc::new(Int64Array::from(person))),
-            ("district", Arc::new(StringArray::from(district))),
-            ("fare", Arc::new(Float64Array::from(fare))),
-        ],
-    );
-}
 
 async fn register(s: &Server, id: &str, open: &str) {
     let policy = json!({
@@ -76,7 +55,7 @@ fn per_district(answer: &Value) -> [(i64, f64); 2] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_person_contributes_at_most_k_rows_picked_at_random() {
     let s = Server::start().await;
-    write_people(&s.dir.path().join("data/people.parquet"));
+    crate::support::write_people(&s.dir.path().join("data/people.parquet"));
     register(&s, "people", "unconditional").await;
     let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
     let sc = scenario(&s, &module, "people").await;
@@ -140,7 +119,7 @@ async fn each_person_contributes_at_most_k_rows_picked_at_random() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noise_is_calibrated_to_k_rows_and_the_ledger_says_so() {
     let s = Server::start().await;
-    write_people(&s.dir.path().join("data/people.parquet"));
+    crate::support::write_people(&s.dir.path().join("data/people.parquet"));
     register(&s, "people_dp", "conditional").await;
     let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
     let sc = scenario(&s, &module, "people_dp").await;

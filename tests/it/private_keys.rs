@@ -175,17 +175,7 @@ async fn cells_are_chosen_by_a_noisy_threshold_and_delta_is_capped() {
     assert_eq!(code(&answers[0]), "budget_exceeded", "{answers}");
 
     // The ledger still verifies offline, δ included.
-    let (_, key) = s
-        .call(Method::GET, "/v1/ledger/public-key", &s.auditor, None)
-        .await;
-    let export = s.ledger_export().await;
-    let parsed = unseen::ledger::read_export(export.as_bytes()).unwrap();
-    let summary = unseen::ledger::verify(
-        &parsed.entries,
-        parsed.checkpoint.as_ref(),
-        key["public_key"].as_str().unwrap(),
-    )
-    .unwrap();
+    let summary = s.verified_ledger().await;
     assert!(
         (summary.total_delta - spent).abs() < 1e-15,
         "{}",

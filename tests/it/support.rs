@@ -242,9 +242,47 @@ impl Server {
             .unwrap()
     }
 
+    /// The auditor's export verified offline with the ledger's public key, as an auditor would.
+    pub async fn verified_ledger(&self) -> unseen::ledger::Summary {
+        let (_, key) = self
+            .call(Method::GET, "/v1/ledger/public-key", &self.auditor, None)
+            .await;
+        let export = self.ledger_export().await;
+        let parsed = unseen::ledger::read_export(export.as_bytes()).unwrap();
+        unseen::ledger::verify(
+            &parsed.entries,
+            parsed.checkpoint.as_ref(),
+            key["public_key"].as_str().unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
     pub async fn health(&self) -> bool {
         self.call(Method::GET, "/v1/health", "", None).await.0 == StatusCode::OK
     }
+}
+
+/// Person 1 takes 200 trips in D01 with fares 1, 2, …, 200; persons 2–101 one trip each in
+/// D02 at fare 10 (columns person_id, district, fare).
+pub fn write_people(path: &std::path::Path) {
+    use arrow::array::{Float64Array, Int64Array, StringArray};
+    use std::sync::Arc;
+    let mut person = vec![1i64; 200];
+    let mut district = vec!["D01"; 200];
+    let mut fare: Vec<f64> = (1..=200).map(f64::from).collect();
+    for p in 2..=101 {
+        person.push(p);
+        district.push("D02");
+        fare.push(10.0);
+    }
+    write_parquet(
+        path,
+        vec![
+            ("person_id", Arc::new(Int64Array::from(person))),
+            ("district", Arc::new(StringArray::from(district))),
+            ("fare", Arc::new(Float64Array::from(fare))),
+        ],
+    );
 }
 
 /// Writes `columns` (none nullable) as one Parquet file at `path`.
