@@ -209,6 +209,8 @@ async fn a_join_is_charged_to_every_dataset_at_once_or_to_none() {
                 {"sql": "SELECT age_band, COUNT(*) AS n FROM riders_dp GROUP BY age_band", "epsilon": 0.5},
                 // Refused on the riders, so not charged on the trips either.
                 {"sql": q, "epsilon": 0.25},
+                // Asked again: the same release, spending nothing, on either dataset.
+                {"sql": q, "epsilon": 0.5},
             ]),
         )
         .await;
@@ -257,6 +259,13 @@ async fn a_join_is_charged_to_every_dataset_at_once_or_to_none() {
         .await;
     let entries = ledger["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 3, "{ledger}");
+    assert_eq!(answers[4]["release"]["reused"], true, "{}", answers[4]);
+    assert_eq!(answers[4]["release"]["rows"], answers[1]["release"]["rows"]);
+    assert_eq!(
+        report["ledger"]["releases"][2]["joint"][0]["reservation"]["seq"],
+        report["ledger"]["releases"][0]["joint"][0]["reservation"]["seq"],
+        "the reused release proves the same two debits"
+    );
     for e in &entries[..2] {
         let m = e["body"]["mechanism"].as_str().unwrap();
         assert!(
