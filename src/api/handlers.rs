@@ -327,7 +327,11 @@ pub(super) async fn submit_job(
         let dry = s.runner.dry_run(&caller.0.id, req).await?;
         return Ok((StatusCode::OK, Json(dry)).into_response());
     }
-    let job = s.runner.submit(&caller.0.id, req)?;
+    // On a blocking thread: the job's row is committed (and fsynced) before it is accepted.
+    let (runner, developer) = (s.runner.clone(), caller.0.id.clone());
+    let job = tokio::task::spawn_blocking(move || runner.submit(&developer, req))
+        .await
+        .map_err(ApiError::internal)??;
     note_target(&job.id);
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }

@@ -118,6 +118,19 @@ pub fn record_hash(r: &AuditRecord) -> String {
 pub fn append(store: &Store, new: NewRecord) -> Result<AuditRecord, StoreError> {
     let mut conn = store.conn();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let record = append_in(&tx, new)?;
+    tx.commit()?;
+    Ok(record)
+}
+
+/// Appends one record inside the caller's write transaction, so that the change it records
+/// and the record commit together (and with one `fsync`). The transaction must be
+/// `Immediate`: it then holds the write lock from its start, and the previous hash cannot
+/// move under it.
+pub fn append_in(
+    tx: &rusqlite::Transaction<'_>,
+    new: NewRecord,
+) -> Result<AuditRecord, StoreError> {
     let last: Option<(i64, String)> = tx
         .query_row(
             "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
@@ -162,7 +175,6 @@ pub fn append(store: &Store, new: NewRecord) -> Result<AuditRecord, StoreError> 
             record.hash,
         ],
     )?;
-    tx.commit()?;
     Ok(record)
 }
 

@@ -531,7 +531,7 @@ pub(crate) fn policy_in(
 
 pub fn policy(store: &Store, id: &str) -> Result<Option<DatasetPolicy>, StoreError> {
     let text: Option<String> = store
-        .conn()
+        .read()
         .query_row(
             "SELECT policy FROM datasets WHERE id = ?1",
             params![id],

@@ -370,7 +370,7 @@ impl Runner {
         }
         let entries: Option<String> = self
             .store
-            .conn()
+            .read()
             .query_row(
                 "SELECT entries FROM modules WHERE hash = ?1 AND owner_id = ?2",
                 params![req.module, developer_id],
@@ -452,27 +452,17 @@ impl Runner {
                 ),
                 Err(e) => (JobStatus::Failed, Some(e.code), Some(e.message), None),
             };
-            // A cancelled job keeps its status; its report is discarded.
-            let saved = runner.store.conn().execute(
-                "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6
-                 WHERE id = ?1 AND status != 'cancelled'",
-                params![id, status.as_str(), code, message, report, crate::now_rfc3339()],
-            );
-            let outcome = match saved {
-                Ok(1) => status.as_str(),
-                Ok(_) => "cancelled",
-                Err(e) => {
-                    tracing::error!(job = %id, "could not record the job's outcome: {e}");
-                    "unrecorded"
-                }
-            };
-            let mut record = crate::audit::NewRecord::system("job_finished", &id, outcome);
-            record.principal_id = Some(developer_id);
-            record.role = Some("developer".into());
-            if let Some(code) = code {
-                record.detail.insert("error_code".into(), code);
+            // Written from a blocking thread: the commit's fsync must not hold up a worker
+            // that could be running another job's plan.
+            let store = runner.store.clone();
+            let job = id.clone();
+            let recorded = tokio::task::spawn_blocking(move || {
+                record_outcome(&store, &job, developer_id, status, code, message, report)
+            })
+            .await;
+            if recorded.is_err() {
+                tracing::error!(job = %id, "the thread recording the job's outcome failed");
             }
-            crate::audit::append_logged(&runner.store, record);
             runner.finished.send_modify(|n| *n += 1);
         });
         Ok(job)
@@ -486,21 +476,24 @@ impl Runner {
         };
         let (developer_id, scenario_id, module_hash, entry, params_text): (String, String, String, String, String) = self
             .store
-            .conn()
+            .read()
             .query_row(
                 "SELECT developer_id, scenario_id, module_hash, entry, params FROM jobs WHERE id = ?1",
                 params![job_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .map_err(|e| internal(e.to_string()))?;
-        let started = self
-            .store
-            .conn()
-            .execute(
+        let store = self.store.clone();
+        let id = job_id.to_string();
+        let started = tokio::task::spawn_blocking(move || {
+            store.conn().execute(
                 "UPDATE jobs SET status = 'running' WHERE id = ?1 AND status = 'queued'",
-                params![job_id],
+                params![id],
             )
-            .map_err(|e| internal(e.to_string()))?;
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))?;
         if started == 0 {
             return Err(JobError {
                 code: "job_cancelled".into(),
@@ -730,9 +723,52 @@ fn udf_mode(scenario: &crate::scenario::Scenario, module: &str) -> UdfMode {
     }
 }
 
+/// A job's outcome and its `job_finished` audit record, in one transaction: neither is on
+/// disk without the other. A cancelled job keeps its status; its report is discarded.
+fn record_outcome(
+    store: &Store,
+    job: &str,
+    developer_id: String,
+    status: JobStatus,
+    code: Option<String>,
+    message: Option<String>,
+    report: Option<String>,
+) {
+    let audit = |outcome: &str| {
+        let mut record = crate::audit::NewRecord::system("job_finished", job, outcome);
+        record.principal_id = Some(developer_id.clone());
+        record.role = Some("developer".into());
+        if let Some(code) = &code {
+            record.detail.insert("error_code".into(), code.clone());
+        }
+        record
+    };
+    let together = (|| -> Result<(), StoreError> {
+        let mut conn = store.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let saved = tx.execute(
+            "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6
+             WHERE id = ?1 AND status != 'cancelled'",
+            params![job, status.as_str(), code, message, report, crate::now_rfc3339()],
+        )?;
+        let outcome = if saved == 1 {
+            status.as_str()
+        } else {
+            "cancelled"
+        };
+        crate::audit::append_in(&tx, audit(outcome))?;
+        tx.commit()?;
+        Ok(())
+    })();
+    if let Err(e) = together {
+        tracing::error!(job = %job, "could not record the job's outcome: {e}");
+        crate::audit::append_logged(store, audit("unrecorded"));
+    }
+}
+
 fn cancelled(store: &Store, job_id: &str) -> bool {
     store
-        .conn()
+        .read()
         .query_row(
             "SELECT status = 'cancelled' FROM jobs WHERE id = ?1",
             params![job_id],
@@ -808,7 +844,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
 
 pub fn get(store: &Store, id: &str) -> Result<Option<(Job, Option<Report>)>, StoreError> {
     let row = store
-        .conn()
+        .read()
         .query_row(
             "SELECT id, developer_id, scenario_id, module_hash, entry, status, error_code, error_message, created_at, finished_at, report
              FROM jobs WHERE id = ?1",

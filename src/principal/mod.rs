@@ -165,7 +165,7 @@ pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, Sto
         return Ok(None);
     }
     let found = store
-        .conn()
+        .read()
         .query_row(
             // Revoked or suspended: inactive either way.
             "SELECT id, role, name, organisation, licence_id, created_at, COALESCE(revoked_at, suspended_at)
@@ -179,7 +179,7 @@ pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, Sto
 
 pub fn get(store: &Store, id: &str) -> Result<Option<Principal>, StoreError> {
     Ok(store
-        .conn()
+        .read()
         .query_row(
             "SELECT id, role, name, organisation, licence_id, created_at, COALESCE(revoked_at, suspended_at)
              FROM principals WHERE id = ?1",

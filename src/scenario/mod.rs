@@ -379,7 +379,7 @@ fn finish((mut s, text): (Scenario, String)) -> Result<Scenario, StoreError> {
 
 pub fn get(store: &Store, id: &str) -> Result<Option<Scenario>, StoreError> {
     let row = store
-        .conn()
+        .read()
         .query_row(
             &format!("SELECT {COLUMNS} FROM scenarios WHERE id = ?1"),
             params![id],
@@ -414,7 +414,7 @@ fn refresh(store: &Store, mut s: Scenario) -> Result<Scenario, StoreError> {
             ),
         )
     } else {
-        let conn = store.conn();
+        let conn = store.read();
         let cap = s.epsilon_cap.unwrap_or(0.0);
         let mut spent_everywhere = true;
         for dataset in s.application.columns.keys() {

@@ -1,7 +1,10 @@
 //! The SQLite file that holds metadata, the ledger and the audit log. WAL mode with
 //! `synchronous=FULL`: a commit is on disk when it returns, which the ledger relies on.
-//! One connection behind a mutex: writes are serialised, which is also what makes the
-//! ledger's check-then-debit atomic.
+//! One writing connection behind a mutex: writes are serialised, which is also what makes the
+//! ledger's check-then-debit atomic. Reads on the request path (tokens, jobs, scenarios,
+//! policies) go through a few read-only connections instead, so they never wait behind a
+//! writer's `fsync`: in WAL mode a reader sees every transaction committed before its
+//! statement began, so a revocation or a finished job is visible to the next read.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +22,11 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    readers: Arc<[Mutex<Connection>]>,
 }
+
+/// Read-only connections: as many as there are threads likely to read at once.
+const READERS: usize = 4;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS principals (
@@ -164,8 +171,20 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let r = Connection::open_with_flags(
+                    data_dir.join("unseen.sqlite"),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                r.busy_timeout(std::time::Duration::from_secs(5))?;
+                Ok(Mutex::new(r))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            readers: readers.into(),
         })
     }
 
@@ -174,5 +193,77 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back on drop), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read-only connection, for a read that need not see the caller's own uncommitted
+    /// writes: the first free one, or else the caller waits for one (never for the writer).
+    pub fn read(&self) -> MutexGuard<'_, Connection> {
+        for r in self.readers.iter() {
+            match r.try_lock() {
+                Ok(guard) => return guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        // All busy: wait on one, taken in turn so that waiters spread out.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len();
+        self.readers[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(conn: &Connection) -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM modules", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn reads_see_every_commit_and_never_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let insert = |conn: &Connection, hash: &str| {
+            conn.execute(
+                "INSERT INTO modules (hash, owner_id, size, entries, created_at) VALUES (?1, 'dev', 1, '[]', 'now')",
+                [hash],
+            )
+            .unwrap();
+        };
+        insert(&store.conn(), "a");
+        assert_eq!(
+            count(&store.read()),
+            1,
+            "a committed write is seen by the next read"
+        );
+
+        // The writer holds its lock, inside an open write transaction: a read from another
+        // thread still answers, from the last commit.
+        let mut writer = store.conn();
+        let tx = writer
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        insert(&tx, "b");
+        let reader = store.clone();
+        let (send, answer) = std::sync::mpsc::channel();
+        std::thread::spawn(move || send.send(count(&reader.read())));
+        let seen = answer
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the read waited for the writer");
+        assert_eq!(seen, 1, "an uncommitted write is not seen");
+        tx.commit().unwrap();
+        drop(writer);
+        assert_eq!(count(&store.read()), 2);
+
+        // Every reader, busy or not, is read-only.
+        let held: Vec<_> = (0..READERS).map(|_| store.read()).collect();
+        for r in &held {
+            let refused = r.execute("DELETE FROM modules", []);
+            assert!(refused.is_err(), "a reader wrote");
+        }
+        drop(held);
+        assert_eq!(count(&store.conn()), 2);
     }
 }
