@@ -79,6 +79,22 @@ async fn scenario(s: &Server, module: &str, suffix: &str, epsilon: f64) -> Strin
 }
 
 /// The rows of a release as (key, count[, sum]) for keys in `order`.
+/// A server with both datasets registered (`open` access, the riders' total ε), the query
+/// runner uploaded, and a scenario over both with ε `epsilon` on each: (server, module, scenario).
+async fn joined(
+    suffix: &str,
+    open: &str,
+    riders_epsilon: f64,
+    epsilon: f64,
+) -> (Server, String, String) {
+    let s = Server::start().await;
+    write_data(s.dir.path());
+    register(&s, suffix, open, riders_epsilon).await;
+    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
+    let sc = scenario(&s, &module, suffix, epsilon).await;
+    (s, module, sc)
+}
+
 fn counts(answer: &Value, order: &[&str]) -> Vec<(i64, Option<f64>)> {
     let rows = answer["release"]["rows"]
         .as_array()
@@ -103,11 +119,7 @@ fn by_band(suffix: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_person_keeps_at_most_k_rows_of_the_join() {
-    let s = Server::start().await;
-    write_data(s.dir.path());
-    register(&s, "", "unconditional", 100.0).await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
-    let sc = scenario(&s, &module, "", 10.0).await;
+    let (s, module, sc) = joined("", "unconditional", 100.0, 10.0).await;
     let runs = 12;
     let mut queries: Vec<Value> = (0..runs)
         .map(|i| json!({"sql": by_band(""), "epsilon": 0.5 + i as f64 * 1e-3}))
@@ -191,12 +203,8 @@ async fn each_person_keeps_at_most_k_rows_of_the_join() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_is_charged_to_every_dataset_at_once_or_to_none() {
-    let s = Server::start().await;
-    write_data(s.dir.path());
-    register(&s, "_dp", "conditional", 10.0).await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
     // The scenario may spend ε 1 on each dataset.
-    let sc = scenario(&s, &module, "_dp", 1.0).await;
+    let (s, module, sc) = joined("_dp", "conditional", 10.0, 1.0).await;
     let q = by_band("_dp");
     let (answers, report) = s
         .ask(
@@ -296,11 +304,7 @@ async fn a_join_is_charged_to_every_dataset_at_once_or_to_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_the_gate_cannot_bound_are_refused_with_the_reason() {
-    let s = Server::start().await;
-    write_data(s.dir.path());
-    register(&s, "", "conditional", 100.0).await;
-    let module = s.upload_ok(unseen::examples::QUERY_RUNNER).await;
-    let sc = scenario(&s, &module, "", 10.0).await;
+    let (s, module, sc) = joined("", "conditional", 100.0, 10.0).await;
     let refusals = [
         // Not on the privacy units.
         (
