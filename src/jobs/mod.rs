@@ -485,11 +485,16 @@ impl Runner {
             .map_err(|e| internal(e.to_string()))?;
         let store = self.store.clone();
         let id = job_id.to_string();
+        // Claimed under the write lock (a cancellation cannot slip in), but not fsynced: lost
+        // in a crash, the job is `queued` instead of `running`, and start-up fails both alike.
+        // The next durable commit (a ledger reservation, or the job's outcome) covers it.
         let started = tokio::task::spawn_blocking(move || {
-            store.conn().execute(
-                "UPDATE jobs SET status = 'running' WHERE id = ?1 AND status = 'queued'",
-                params![id],
-            )
+            store.without_fsync(|conn| {
+                conn.execute(
+                    "UPDATE jobs SET status = 'running' WHERE id = ?1 AND status = 'queued'",
+                    params![id],
+                )
+            })
         })
         .await
         .map_err(|e| internal(e.to_string()))?

@@ -195,6 +195,25 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the writing connection with `synchronous=NORMAL`, then restores `FULL`
+    /// (whatever `f` returned). Its commits are not fsynced: a crash may lose them, but never
+    /// corrupts the file, and the next `FULL` commit makes them durable too, since it fsyncs
+    /// the whole write-ahead log. Only for a change whose loss in a crash recovery already
+    /// handles, such as a job's move from `queued` to `running` (both are failed as
+    /// interrupted at start-up).
+    pub fn without_fsync<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let out = f(&conn);
+        let restored = conn.pragma_update(None, "synchronous", "FULL");
+        let out = out?;
+        restored?;
+        Ok(out)
+    }
+
     /// A read-only connection, for a read that need not see the caller's own uncommitted
     /// writes: the first free one, or else the caller waits for one (never for the writer).
     pub fn read(&self) -> MutexGuard<'_, Connection> {
@@ -265,5 +284,33 @@ mod tests {
         }
         drop(held);
         assert_eq!(count(&store.conn()), 2);
+    }
+
+    #[test]
+    fn a_commit_without_fsync_is_seen_and_full_durability_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let synchronous = |conn: &Connection| -> i64 {
+            conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(synchronous(&store.conn()), 2, "FULL");
+        let inserted = store
+            .without_fsync(|conn| {
+                assert_eq!(synchronous(conn), 1, "NORMAL inside");
+                conn.execute(
+                    "INSERT INTO modules (hash, owner_id, size, entries, created_at) VALUES ('a', 'dev', 1, '[]', 'now')",
+                    [],
+                )
+            })
+            .unwrap();
+        assert_eq!(inserted, 1);
+        assert_eq!(synchronous(&store.conn()), 2, "FULL again");
+        assert_eq!(count(&store.read()), 1);
+        // A failing statement inside still restores FULL.
+        let failed =
+            store.without_fsync(|conn| conn.execute("INSERT INTO no_such_table VALUES (1)", []));
+        assert!(failed.is_err());
+        assert_eq!(synchronous(&store.conn()), 2, "FULL after a failure");
     }
 }
