@@ -1,5 +1,6 @@
 //! The SQLite file that holds metadata, the ledger and the audit log. WAL mode with
-//! `synchronous=FULL`: a commit is on disk when it returns, which the ledger relies on.
+//! `synchronous=FULL`: a commit is on disk when it returns, which the ledger relies on (the
+//! one exception, [`Store::without_fsync`], is for changes a crash may lose harmlessly).
 //! One writing connection behind a mutex: writes are serialised, which is also what makes the
 //! ledger's check-then-debit atomic. Reads on the request path (tokens, jobs, scenarios,
 //! policies) go through a few read-only connections instead, so they never wait behind a
