@@ -206,10 +206,22 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
+        /// Restores `FULL` even if `f` panics, so no later commit is left without its fsync.
+        struct Full<'a>(&'a Connection, bool);
+        impl Drop for Full<'_> {
+            fn drop(&mut self) {
+                if !self.1 && self.0.pragma_update(None, "synchronous", "FULL").is_err() {
+                    tracing::error!("could not restore synchronous=FULL after a panic");
+                }
+            }
+        }
         let conn = self.conn();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut full = Full(&conn, false);
         let out = f(&conn);
+        full.1 = true;
         let restored = conn.pragma_update(None, "synchronous", "FULL");
+        drop(full);
         let out = out?;
         restored?;
         Ok(out)
@@ -313,5 +325,11 @@ mod tests {
             store.without_fsync(|conn| conn.execute("INSERT INTO no_such_table VALUES (1)", []));
         assert!(failed.is_err());
         assert_eq!(synchronous(&store.conn()), 2, "FULL after a failure");
+        // And a panic inside.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.without_fsync(|_| -> rusqlite::Result<()> { panic!("inside") })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(synchronous(&store.conn()), 2, "FULL after a panic");
     }
 }
