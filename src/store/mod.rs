@@ -206,25 +206,21 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        /// Restores `FULL` even if `f` panics, so no later commit is left without its fsync.
-        struct Full<'a>(&'a Connection, bool);
+        /// Restores `FULL` when dropped, so that neither an error nor a panic in `f` leaves
+        /// later commits without their fsync. (Failing to restore is logged: returning the
+        /// error would not put the connection back either.)
+        struct Full<'a>(&'a Connection);
         impl Drop for Full<'_> {
             fn drop(&mut self) {
-                if !self.1 && self.0.pragma_update(None, "synchronous", "FULL").is_err() {
-                    tracing::error!("could not restore synchronous=FULL after a panic");
+                if let Err(e) = self.0.pragma_update(None, "synchronous", "FULL") {
+                    tracing::error!("could not restore synchronous=FULL: {e}");
                 }
             }
         }
         let conn = self.conn();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let mut full = Full(&conn, false);
-        let out = f(&conn);
-        full.1 = true;
-        let restored = conn.pragma_update(None, "synchronous", "FULL");
-        drop(full);
-        let out = out?;
-        restored?;
-        Ok(out)
+        let _full = Full(&conn);
+        f(&conn)
     }
 
     /// A read-only connection, for a read that need not see the caller's own uncommitted
