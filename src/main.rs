@@ -81,6 +81,10 @@ enum Command {
         /// With --http: new modules to upload (each compiled).
         #[arg(long, default_value_t = 10)]
         uploads: usize,
+        /// With --http: jobs the server runs at once (its `concurrent_jobs`; default: the
+        /// server's default).
+        #[arg(long)]
+        concurrent_jobs: Option<usize>,
         /// Q1, Q2, Q3, Q4 or all.
         #[arg(long, default_value = "all")]
         query: String,
@@ -491,6 +495,7 @@ fn run() -> anyhow::Result<()> {
             jobs,
             clients,
             uploads,
+            concurrent_jobs,
             ..
         } => runtime()?.block_on(unseen::bench::http::run(
             unseen::bench::http::HttpBenchOptions {
@@ -499,6 +504,7 @@ fn run() -> anyhow::Result<()> {
                 jobs,
                 clients,
                 uploads,
+                concurrent_jobs,
             },
         )),
         Command::Bench {

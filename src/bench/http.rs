@@ -32,6 +32,8 @@ pub struct HttpBenchOptions {
     /// New modules to upload (each compiled).
     pub uploads: usize,
     pub clients: Vec<usize>,
+    /// The server's `concurrent_jobs` (its default when `None`).
+    pub concurrent_jobs: Option<usize>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -105,7 +107,14 @@ pub async fn run(opts: HttpBenchOptions) -> anyhow::Result<()> {
     )?;
     // Every job computes its release: none is answered from an earlier identical query (the
     // server's default, `reuse_releases`, would make every job after the first a cache hit).
-    std::fs::write(policies.join("limits.toml"), "reuse_releases = false\n")?;
+    let mut limits = String::from("reuse_releases = false\n");
+    if let Some(n) = opts.concurrent_jobs {
+        limits.push_str(&format!("concurrent_jobs = {n}\n"));
+    }
+    std::fs::write(policies.join("limits.toml"), limits)?;
+    let concurrent_jobs = crate::config::Limits::from_policies_dir(&policies)?
+        .unwrap_or_default()
+        .concurrent_jobs;
     let rows = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(
         data_dir.join("data/trips.parquet"),
     )?)
@@ -257,7 +266,7 @@ pub async fn run(opts: HttpBenchOptions) -> anyhow::Result<()> {
                 latency_line(
                     op,
                     all,
-                    json!({"clients": clients, "jobs": n, "jobs_per_s": n as f64 / wall, "wall_s": wall, "rows": rows, "epsilon_per_job": 1.0})
+                    json!({"clients": clients, "jobs": n, "jobs_per_s": n as f64 / wall, "wall_s": wall, "rows": rows, "epsilon_per_job": 1.0, "concurrent_jobs": concurrent_jobs})
                 )
             );
         }
