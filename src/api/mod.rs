@@ -110,7 +110,7 @@ pub fn router(state: AppState) -> Router {
         router = router.route(e.path, e.handler);
     }
     let audit = AuditLayer {
-        store: state.store.clone(),
+        appender: crate::audit::GroupAppender::new(state.store.clone()),
         actions: Arc::new(actions),
     };
     router
@@ -183,7 +183,7 @@ type Actions = HashMap<(Method, &'static str), (&'static str, bool)>;
 
 #[derive(Clone)]
 struct AuditLayer {
-    store: Store,
+    appender: crate::audit::GroupAppender,
     actions: Arc<Actions>,
 }
 
@@ -259,8 +259,9 @@ async fn audit_layer(State(layer): State<AuditLayer>, req: Request, next: Next) 
         detail: inner.detail,
     };
     // Written before the response leaves: a caller who saw an answer can find its record.
-    let store = layer.store.clone();
-    match tokio::task::spawn_blocking(move || crate::audit::append(&store, record)).await {
+    // Records of requests answered at once share a commit.
+    let appender = layer.appender.clone();
+    match tokio::task::spawn_blocking(move || appender.append(record)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!("could not append the audit record for {action}: {e}"),
         Err(e) => tracing::error!("audit task failed for {action}: {e}"),

@@ -18,6 +18,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// A commit made for several callers at once failed (its error, as text).
+    #[error("database error: {0}")]
+    Shared(String),
 }
 
 #[derive(Clone)]
