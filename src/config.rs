@@ -76,8 +76,8 @@ pub struct Limits {
     /// Jobs running at once; the rest wait in the queue. More than the cores: much of a job
     /// runs on one thread or waits (loading and instantiating its module, planning, the
     /// ledger's commits, noise, the result), and other jobs' scans fill those gaps. On 2 cores
-    /// with small jobs, 8 answered 10–30 % more jobs a second than 2 (`unseen bench --http
-    /// --concurrent-jobs N`, README). Each running job may hold `query_memory_bytes` and
+    /// with small jobs, 8 answered 9–37 % more jobs a second than 2 at 8 clients, 18–28 % more
+    /// at 32 (`unseen bench --http --concurrent-jobs N`, README). Each running job may hold `query_memory_bytes` and
     /// `spill_bytes`, so lower this on a machine with less memory than 8 of those.
     pub concurrent_jobs: usize,
     /// Compiled modules kept in memory; the least recently used is dropped first and compiled

@@ -112,9 +112,9 @@ pub async fn run(opts: HttpBenchOptions) -> anyhow::Result<()> {
         limits.push_str(&format!("concurrent_jobs = {n}\n"));
     }
     std::fs::write(policies.join("limits.toml"), limits)?;
-    let concurrent_jobs = crate::config::Limits::from_policies_dir(&policies)?
-        .unwrap_or_default()
-        .concurrent_jobs;
+    let concurrent_jobs = opts
+        .concurrent_jobs
+        .unwrap_or(crate::config::Limits::default().concurrent_jobs);
     let rows = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(
         data_dir.join("data/trips.parquet"),
     )?)
