@@ -8,6 +8,10 @@
 //! printed, and which only the gate reads. Decoded tables may be kept between jobs in a
 //! [`TableCache`] (in the server's memory, inside the domain; never printable either).
 
+mod positions;
+
+pub use positions::PositionMemo;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -80,6 +84,8 @@ pub struct JobSession {
     /// (declared after `ctx`, so DataFusion lets go of it first). DataFusion removes its files
     /// as operators finish, but a query that fails mid-spill can leave some behind.
     _spill: Option<tempfile::TempDir>,
+    /// The group-key positions kept with each table that came from (or went into) the cache.
+    memos: Vec<Arc<PositionMemo>>,
 }
 
 /// The identity of a decoded table: the file as it is now, and the columns read.
@@ -94,6 +100,8 @@ struct CacheKey {
 struct CachedTable {
     schema: SchemaRef,
     partitions: Vec<Vec<RecordBatch>>,
+    memo: Arc<PositionMemo>,
+    /// The batches' bytes and the memo's cap.
     bytes: usize,
     last_used: u64,
 }
@@ -101,6 +109,8 @@ struct CachedTable {
 /// Tables decoded once and shared by later jobs: for small jobs, decoding Parquet is most of
 /// the work. Keyed by the file's path, length and modification time (a new version of the
 /// data is a new key) and the columns read; bounded in bytes, least recently used out first.
+/// Each table's budget share includes a quarter of its size for the group-key positions kept
+/// with it ([`PositionMemo`]).
 #[derive(Clone)]
 pub struct TableCache {
     budget: usize,
@@ -126,25 +136,33 @@ impl TableCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, key: &CacheKey) -> Option<(SchemaRef, Vec<Vec<RecordBatch>>)> {
+    fn get(&self, key: &CacheKey) -> Option<(SchemaRef, Vec<Vec<RecordBatch>>, Arc<PositionMemo>)> {
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
         let t = inner.tables.get_mut(key)?;
         t.last_used = now;
         // Record batches share their buffers: this clone copies pointers, not data.
-        Some((t.schema.clone(), t.partitions.clone()))
+        Some((t.schema.clone(), t.partitions.clone(), t.memo.clone()))
     }
 
-    fn put(&self, key: CacheKey, schema: SchemaRef, partitions: Vec<Vec<RecordBatch>>) {
-        let bytes: usize = partitions
+    /// Keeps a decoded table, if it fits; returns the memo kept with it.
+    fn put(
+        &self,
+        key: CacheKey,
+        schema: SchemaRef,
+        partitions: Vec<Vec<RecordBatch>>,
+    ) -> Option<Arc<PositionMemo>> {
+        let batches: usize = partitions
             .iter()
             .flatten()
             .map(RecordBatch::get_array_memory_size)
             .sum();
+        let bytes = batches + batches / 4;
         if bytes > self.budget {
-            return;
+            return None;
         }
+        let memo = Arc::new(PositionMemo::new(&partitions, batches / 4));
         let mut inner = self.lock();
         while inner.used + bytes > self.budget {
             let Some(oldest) = inner
@@ -166,6 +184,7 @@ impl TableCache {
             CachedTable {
                 schema,
                 partitions,
+                memo: memo.clone(),
                 bytes,
                 last_used,
             },
@@ -173,6 +192,7 @@ impl TableCache {
             inner.used -= old.bytes;
         }
         inner.used += bytes;
+        Some(memo)
     }
 
     /// Bytes held now.
@@ -238,6 +258,7 @@ impl JobSession {
             .build();
         let ctx = SessionContext::new_with_state(state);
         let mut files = HashMap::new();
+        let mut memos = Vec::new();
         for spec in tables {
             if let Ok(meta) = std::fs::metadata(&spec.path) {
                 files.insert(
@@ -261,8 +282,9 @@ impl JobSession {
                 })
             });
             if let (Some(cache), Some(key)) = (cache, &key)
-                && let Some((schema, partitions)) = cache.get(key)
+                && let Some((schema, partitions, memo)) = cache.get(key)
             {
+                memos.push(memo);
                 let table = MemTable::try_new(schema, partitions)
                     .map_err(|e| EngineError::Setup(e.to_string()))?;
                 ctx.register_table(spec.table.as_str(), Arc::new(table))
@@ -299,7 +321,7 @@ impl JobSession {
                         .await
                         .map_err(|e| EngineError::Setup(e.to_string()))?;
                     if let (Some(cache), Some(key)) = (cache, key) {
-                        cache.put(key, schema.clone(), batches.clone());
+                        memos.extend(cache.put(key, schema.clone(), batches.clone()));
                     }
                     Arc::new(
                         MemTable::try_new(schema, batches)
@@ -315,7 +337,13 @@ impl JobSession {
             ctx,
             files,
             _spill: spill,
+            memos,
         })
+    }
+
+    /// The group-key positions kept with the session's cached tables.
+    pub fn position_memos(&self) -> &[Arc<PositionMemo>] {
+        &self.memos
     }
 
     /// The session's memory pool, for the gate's own tables over rows.

@@ -17,6 +17,7 @@
 
 mod blocks;
 mod bound;
+mod dense;
 mod fixed_point;
 mod noise;
 mod plan;
@@ -744,10 +745,18 @@ impl Gate {
             Some(unit) => Some(bound::select(&grant.session, shape.unit_source()?, unit).await?),
             None => None,
         };
-        let exact = grant
-            .session
-            .execute(shape.aggregate_plan(selection.as_ref())?)
-            .await?;
+        // Public keys: one slot per key combination instead of a `GROUP BY` (`dense.rs`).
+        let public = !shape.private_keys();
+        let dense = match public {
+            true => shape.dense_plan(selection.as_ref(), grant.session.position_memos())?,
+            false => None,
+        };
+        let is_dense = dense.is_some();
+        let plan = match dense {
+            Some(plan) => plan,
+            None => shape.aggregate_plan(selection.as_ref())?,
+        };
+        let exact = grant.session.execute(plan).await?;
         let failed = || {
             GateError::refused(
                 "query_failed",
@@ -758,7 +767,6 @@ impl Gate {
         // The groups to release, each with its exact measures. Public keys: every combination,
         // in catalogue order, empty groups included, and nothing else. Private keys: the groups
         // the data has, which partition selection below thins out.
-        let public = !shape.private_keys();
         let mut keys: Vec<Vec<Value>> = shape
             .key_product()
             .iter()
@@ -787,65 +795,71 @@ impl Gate {
                 }
             })
             .collect();
-        for batch in &exact.0 {
-            let key_text_columns = (0..shape.groups.len())
-                .map(|g| arrow::compute::cast(batch.column(g), &DataType::Utf8))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| failed())?;
-            let measure_columns = (0..shape.measures.len())
-                .map(|m| {
-                    let column = batch.column(shape.groups.len() + m);
-                    if is_quantile[m] {
-                        Ok(column.clone())
-                    } else {
-                        arrow::compute::cast(column, &DataType::Int64)
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| failed())?;
-            'rows: for row in 0..batch.num_rows() {
-                let mut key = Vec::with_capacity(key_text_columns.len());
-                for c in &key_text_columns {
-                    if c.is_null(row) {
-                        continue 'rows; // a null key is not a key: dropped
-                    }
-                    key.push(c.as_string::<i32>().value(row).to_string());
-                }
-                let slot = match index.get(&key) {
-                    Some(&slot) => slot,
-                    // Groups outside the public key set are dropped, never released.
-                    None if public => continue,
-                    None => {
-                        let typed = (0..shape.groups.len())
-                            .map(|g| typed_key(batch.column(g), &key[g]))
-                            .collect();
-                        keys.push(typed);
-                        for m in &mut exact_values {
-                            m.push(0);
+        if is_dense {
+            exact_values = dense::read(&exact.0, keys.len())
+                .filter(|m| m.len() == shape.measures.len())
+                .ok_or_else(failed)?;
+        } else {
+            for batch in &exact.0 {
+                let key_text_columns = (0..shape.groups.len())
+                    .map(|g| arrow::compute::cast(batch.column(g), &DataType::Utf8))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| failed())?;
+                let measure_columns = (0..shape.measures.len())
+                    .map(|m| {
+                        let column = batch.column(shape.groups.len() + m);
+                        if is_quantile[m] {
+                            Ok(column.clone())
+                        } else {
+                            arrow::compute::cast(column, &DataType::Int64)
                         }
-                        for (m, lists) in exact_lists.iter_mut().enumerate() {
-                            if is_quantile[m] {
-                                lists.push(Vec::new());
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| failed())?;
+                'rows: for row in 0..batch.num_rows() {
+                    let mut key = Vec::with_capacity(key_text_columns.len());
+                    for c in &key_text_columns {
+                        if c.is_null(row) {
+                            continue 'rows; // a null key is not a key: dropped
+                        }
+                        key.push(c.as_string::<i32>().value(row).to_string());
+                    }
+                    let slot = match index.get(&key) {
+                        Some(&slot) => slot,
+                        // Groups outside the public key set are dropped, never released.
+                        None if public => continue,
+                        None => {
+                            let typed = (0..shape.groups.len())
+                                .map(|g| typed_key(batch.column(g), &key[g]))
+                                .collect();
+                            keys.push(typed);
+                            for m in &mut exact_values {
+                                m.push(0);
                             }
+                            for (m, lists) in exact_lists.iter_mut().enumerate() {
+                                if is_quantile[m] {
+                                    lists.push(Vec::new());
+                                }
+                            }
+                            index.insert(key, keys.len() - 1);
+                            keys.len() - 1
                         }
-                        index.insert(key, keys.len() - 1);
-                        keys.len() - 1
-                    }
-                };
-                for (m, col) in measure_columns.iter().enumerate() {
-                    if is_quantile[m] {
-                        let list = col.as_list_opt::<i32>().ok_or_else(failed)?;
-                        if !list.is_null(row) {
-                            let values = list.value(row);
-                            let values = values
-                                .as_primitive_opt::<Float64Type>()
-                                .ok_or_else(failed)?;
-                            exact_lists[m][slot].extend(values.iter().flatten());
+                    };
+                    for (m, col) in measure_columns.iter().enumerate() {
+                        if is_quantile[m] {
+                            let list = col.as_list_opt::<i32>().ok_or_else(failed)?;
+                            if !list.is_null(row) {
+                                let values = list.value(row);
+                                let values = values
+                                    .as_primitive_opt::<Float64Type>()
+                                    .ok_or_else(failed)?;
+                                exact_lists[m][slot].extend(values.iter().flatten());
+                            }
+                            continue;
                         }
-                        continue;
+                        let col = col.as_primitive::<Int64Type>();
+                        exact_values[m][slot] = if col.is_null(row) { 0 } else { col.value(row) };
                     }
-                    let col = col.as_primitive::<Int64Type>();
-                    exact_values[m][slot] = if col.is_null(row) { 0 } else { col.value(row) };
                 }
             }
         }

@@ -147,30 +147,36 @@ impl MeasureSpec {
         }
     }
 
+    /// A clamped sum's per-row value: clamp, shift, (square,) scale and truncate in one
+    /// kernel. Truncation toward zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of
+    /// the bound's magnitude), far below the noise, and is cheaper than rounding.
+    fn fixed_point_expr(&self) -> Expr {
+        let MeasureSpec::ClampedSum {
+            expr,
+            lo,
+            hi,
+            shift,
+            fixed_point,
+            squared,
+            ..
+        } = self
+        else {
+            return lit(ScalarValue::Int64(None));
+        };
+        let x = cast(expr.clone(), DataType::Float64);
+        let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
+            super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, *squared),
+        );
+        udf.call(vec![x])
+    }
+
     fn aggregate_expr(&self, index: usize) -> Result<Expr, GateError> {
         let name = format!("__m{index}");
         Ok(match self {
             MeasureSpec::Rows => count(lit(1i64)).alias(name),
             MeasureSpec::NonNull { expr, .. } => count(expr.clone()).alias(name),
             MeasureSpec::Distinct { expr, .. } => count_distinct(expr.clone()).alias(name),
-            MeasureSpec::ClampedSum {
-                expr,
-                lo,
-                hi,
-                shift,
-                fixed_point,
-                squared,
-                ..
-            } => {
-                // Clamp, shift, (square,) scale and truncate in one kernel. Truncation toward
-                // zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of the bound's
-                // magnitude), far below the noise, and is cheaper than rounding.
-                let x = cast(expr.clone(), DataType::Float64);
-                let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
-                    super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, *squared),
-                );
-                sum(udf.call(vec![x])).alias(name)
-            }
+            MeasureSpec::ClampedSum { .. } => sum(self.fixed_point_expr()).alias(name),
             // Nulls are gathered too and dropped by the gate; clamping happens there.
             MeasureSpec::Quantile { expr, .. } => {
                 array_agg(cast(expr.clone(), DataType::Float64)).alias(name)
@@ -312,17 +318,76 @@ impl QueryShape {
             .enumerate()
             .map(|(i, m)| m.aggregate_expr(i))
             .collect::<Result<Vec<_>, _>>()?;
-        let input = match (&self.unit, selection) {
-            (Some(unit), Some(selection)) => {
-                super::bound::bound_contributions(&self.input, unit, selection)?
-            }
-            (None, None) => self.input.clone(),
-            _ => return Err(plan_error_text()),
-        };
-        LogicalPlanBuilder::from(input)
+        LogicalPlanBuilder::from(self.aggregate_input(selection)?)
             .aggregate(self.groups.iter().map(|g| g.expr.clone()), aggs)
             .and_then(|b| b.build())
             .map_err(plan_error)
+    }
+
+    /// The same measurements as [`QueryShape::aggregate_plan`] without `GROUP BY`, when every
+    /// group column has public keys: each row's slot among the key combinations, in
+    /// [`QueryShape::key_product`]'s order, and one vector of slots per measure (`dense.rs`).
+    /// `None` when some column's keys are not public, empty or repeated, or a measure is a
+    /// distinct count or a quantile (those keep the grouped plan).
+    pub fn dense_plan(
+        &self,
+        selection: Option<&std::sync::Arc<super::bound::Selection>>,
+        memos: &[std::sync::Arc<crate::engine::PositionMemo>],
+    ) -> Result<Option<LogicalPlan>, GateError> {
+        use super::dense::{DenseSlots, Fold, KeyPositions};
+        use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+        let mut keys = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let Some(k) = g.keys.as_ref().filter(|k| !k.is_empty()) else {
+                return Ok(None);
+            };
+            let texts: Vec<String> = k.iter().map(super::key_text).collect();
+            let distinct: std::collections::HashSet<&String> = texts.iter().collect();
+            if distinct.len() != texts.len() {
+                return Ok(None);
+            }
+            keys.push(texts);
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let slots = keys.iter().map(Vec::len).product::<usize>();
+        let slot = ScalarUDF::new_from_impl(KeyPositions::new(keys, memos.to_vec()))
+            .call(self.groups.iter().map(|g| g.expr.clone()).collect());
+        let fold = |f: Fold, mut args: Vec<Expr>| {
+            args.insert(0, slot.clone());
+            AggregateUDF::new_from_impl(DenseSlots::new(f, slots)).call(args)
+        };
+        let mut aggs = Vec::with_capacity(self.measures.len());
+        for (i, m) in self.measures.iter().enumerate() {
+            let agg = match m {
+                MeasureSpec::Rows => fold(Fold::Rows, vec![]),
+                MeasureSpec::NonNull { expr, .. } => fold(Fold::NonNull, vec![expr.clone()]),
+                MeasureSpec::ClampedSum { .. } => fold(Fold::Sum, vec![m.fixed_point_expr()]),
+                MeasureSpec::Distinct { .. } | MeasureSpec::Quantile { .. } => return Ok(None),
+            };
+            aggs.push(agg.alias(format!("__m{i}")));
+        }
+        LogicalPlanBuilder::from(self.aggregate_input(selection)?)
+            .aggregate(Vec::<Expr>::new(), aggs)
+            .and_then(|b| b.build())
+            .map(Some)
+            .map_err(plan_error)
+    }
+
+    /// The rows the measurements aggregate: the query's input, and for person-level data only
+    /// the rows the per-person `selection` keeps.
+    fn aggregate_input(
+        &self,
+        selection: Option<&std::sync::Arc<super::bound::Selection>>,
+    ) -> Result<LogicalPlan, GateError> {
+        match (&self.unit, selection) {
+            (Some(unit), Some(selection)) => {
+                super::bound::bound_contributions(&self.input, unit, selection)
+            }
+            (None, None) => Ok(self.input.clone()),
+            _ => Err(plan_error_text()),
+        }
     }
 
     /// Pass 1's input for contribution bounding (see `bound.rs`): the scan and the query's

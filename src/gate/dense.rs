@@ -1,0 +1,724 @@
+//! Aggregation by public keys without a hash table per query.
+//!
+//! With public keys the groups are known before the data is read: the catalogue's key lists,
+//! combined in catalogue order. So instead of `GROUP BY`, the gate's plan computes each row's
+//! slot in that order ([`KeyPositions`], a scalar function of the group columns) and folds
+//! every measure into one vector of slots ([`DenseSlots`], an aggregate with no grouping).
+//! DataFusion still runs the plan: scans, filters, contribution bounding, partitions, the
+//! memory pool. What goes is the hash table per query: DataFusion's `GROUP BY` hashes and
+//! probes every row (for a text key, most of a small job's CPU), where a slot is an index.
+//!
+//! The slots hold what the grouped plan would give the gate: rows per group, non-null values
+//! per group, and fixed-point sums (wrapping, as DataFusion's integer `SUM`), zero for a group
+//! with no rows. A row whose key is null or not public has no slot and is left out, as the
+//! grouped path drops those groups. A value matches a key when its text (Arrow's cast to
+//! `Utf8`) is the key's text, as in the grouped path.
+//!
+//! Finding a row's slot takes a lookup per row. For a table from the server's cache, the
+//! positions of a column against a key list are kept with the table
+//! ([`crate::engine::PositionMemo`]), so later jobs skip the lookups too.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBufferBuilder, Int64Array, ListArray, StringViewArray,
+    UInt32Array, make_view,
+};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, UInt32Type};
+use datafusion::common::{Result, ScalarValue, internal_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature,
+    Volatility,
+};
+
+use crate::engine::PositionMemo;
+
+/// Each row's slot among the public keys of its group columns, in catalogue order
+/// (`((p₀·n₁) + p₁)·n₂ + p₂ …`, as `QueryShape::key_product` lists the groups); null if some
+/// column's value is null or not one of that column's keys.
+#[derive(Debug)]
+pub(crate) struct KeyPositions {
+    /// Each group column's key texts, without duplicates.
+    keys: Vec<Vec<String>>,
+    /// The session's cached tables' memos.
+    memos: Vec<Arc<PositionMemo>>,
+    signature: Signature,
+}
+
+impl KeyPositions {
+    pub(crate) fn new(keys: Vec<Vec<String>>, memos: Vec<Arc<PositionMemo>>) -> Self {
+        KeyPositions {
+            keys,
+            memos,
+            signature: Signature::variadic_any(Volatility::Immutable),
+        }
+    }
+
+    /// The positions of one column's values in its key list, from a memo when the column is
+    /// a cached table's own array.
+    fn column(&self, array: &ArrayRef, keys: &[String]) -> Result<Arc<UInt32Array>> {
+        for memo in &self.memos {
+            if let Some(id) = memo.id_of(array.as_ref()) {
+                if let Some(kept) = memo.get(id, keys) {
+                    return Ok(kept);
+                }
+                let computed = Arc::new(positions(array, keys)?);
+                memo.put(id, keys, computed.clone());
+                return Ok(computed);
+            }
+        }
+        Ok(Arc::new(positions(array, keys)?))
+    }
+}
+
+impl PartialEq for KeyPositions {
+    fn eq(&self, other: &Self) -> bool {
+        self.keys == other.keys
+            && self.memos.len() == other.memos.len()
+            && self
+                .memos
+                .iter()
+                .zip(&other.memos)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+impl Eq for KeyPositions {}
+
+impl Hash for KeyPositions {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.keys.hash(state);
+        for m in &self.memos {
+            Arc::as_ptr(m).hash(state);
+        }
+    }
+}
+
+impl ScalarUDFImpl for KeyPositions {
+    fn name(&self) -> &str {
+        "unseen_key_position"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::UInt32)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        if args.args.len() != self.keys.len() || self.keys.is_empty() {
+            return internal_err!("unseen_key_position takes one argument per group column");
+        }
+        let rows = args.number_rows;
+        let mut columns = Vec::with_capacity(self.keys.len());
+        for (value, keys) in args.args.iter().zip(&self.keys) {
+            columns.push(self.column(&value.to_array(rows)?, keys)?);
+        }
+        if columns.len() == 1 {
+            return Ok(ColumnarValue::Array(columns.pop().expect("one column")));
+        }
+        // Combine, first column outermost; null where any column is.
+        let mut slot = vec![0u32; rows];
+        let mut nulls: Option<NullBuffer> = None;
+        for (c, keys) in columns.iter().zip(&self.keys) {
+            let n = keys.len() as u32;
+            for (s, p) in slot.iter_mut().zip(c.values()) {
+                *s = *s * n + *p;
+            }
+            nulls = NullBuffer::union(nulls.as_ref(), c.nulls());
+        }
+        Ok(ColumnarValue::Array(Arc::new(UInt32Array::new(
+            slot.into(),
+            nulls,
+        ))))
+    }
+}
+
+/// Each value's position in `keys` (null: a null value, or none of the keys), matched by
+/// text. Integer columns are matched as integers (a key matches when its text is the value's
+/// decimal text); everything else as Arrow's cast to text, through string views.
+fn positions(array: &ArrayRef, keys: &[String]) -> Result<UInt32Array> {
+    if array.data_type().is_integer() && array.data_type() != &DataType::UInt64 {
+        let ints = arrow::compute::cast(array, &DataType::Int64)?;
+        return Ok(integer_positions(ints.as_primitive::<Int64Type>(), keys));
+    }
+    let views = match array.data_type() {
+        DataType::Utf8View => array.clone(),
+        _ => {
+            let text = arrow::compute::cast(array, &DataType::Utf8)?;
+            arrow::compute::cast(&text, &DataType::Utf8View)?
+        }
+    };
+    Ok(view_positions(views.as_string_view(), keys))
+}
+
+fn integer_positions(values: &Int64Array, keys: &[String]) -> UInt32Array {
+    // Keys that are integers in canonical decimal text; any other key matches no integer.
+    let ints: Vec<Option<i64>> = keys
+        .iter()
+        .map(|k| k.parse::<i64>().ok().filter(|i| i.to_string() == *k))
+        .collect();
+    let first = ints.first().copied().flatten();
+    let consecutive = first.is_some_and(|a| {
+        ints.iter()
+            .enumerate()
+            .all(|(j, k)| *k == a.checked_add(j as i64))
+    });
+    let out: Vec<Option<u32>> = if let (true, Some(a)) = (consecutive, first) {
+        let n = keys.len() as i128;
+        values
+            .iter()
+            .map(|v| {
+                let d = i128::from(v?) - i128::from(a);
+                (0..n).contains(&d).then_some(d as u32)
+            })
+            .collect()
+    } else {
+        let mut map: HashMap<i64, u32, Mix> = HashMap::default();
+        for (j, k) in ints.iter().enumerate() {
+            if let Some(k) = k {
+                map.entry(*k).or_insert(j as u32);
+            }
+        }
+        values.iter().map(|v| map.get(&v?).copied()).collect()
+    };
+    UInt32Array::from(out)
+}
+
+/// The low bits of a string view that hold a string of up to 12 bytes: its length and bytes.
+/// (Arrow pads the rest with zeros; masking makes the match independent of that.)
+fn inline_word(view: u128) -> Option<u128> {
+    let len = view as u32;
+    (len <= 12).then(|| view & (u128::MAX >> (96 - 8 * len)))
+}
+
+fn view_positions(array: &StringViewArray, keys: &[String]) -> UInt32Array {
+    let mut short: HashMap<u128, u32, Mix> = HashMap::default();
+    let mut long: HashMap<&[u8], u32, Mix> = HashMap::default();
+    for (j, k) in keys.iter().enumerate() {
+        let word = inline_word(make_view(k.as_bytes(), 0, 0));
+        match word {
+            Some(w) => short.entry(w).or_insert(j as u32),
+            None => long.entry(k.as_bytes()).or_insert(j as u32),
+        };
+    }
+    let n = array.len();
+    let mut values = Vec::with_capacity(n);
+    let mut valid = BooleanBufferBuilder::new(n);
+    for (i, view) in array.views().iter().enumerate() {
+        let found = if array.is_null(i) {
+            None
+        } else {
+            match inline_word(*view) {
+                Some(w) => short.get(&w).copied(),
+                None if long.is_empty() => None,
+                None => long.get(array.value(i).as_bytes()).copied(),
+            }
+        };
+        values.push(found.unwrap_or(0));
+        valid.append(found.is_some());
+    }
+    UInt32Array::new(values.into(), Some(NullBuffer::new(valid.finish())))
+}
+
+/// A fast hasher for the key lookups: the keys come from the catalogue, not from callers.
+#[derive(Default)]
+struct MixHasher(u64);
+
+type Mix = BuildHasherDefault<MixHasher>;
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^ (h >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x)
+            .wrapping_mul(0xff51_afd7_ed55_8ccd)
+            .rotate_left(31);
+    }
+
+    fn write_u128(&mut self, x: u128) {
+        self.write_u64(x as u64);
+        self.write_u64((x >> 64) as u64);
+    }
+
+    fn write_i64(&mut self, x: i64) {
+        self.write_u64(x as u64);
+    }
+
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+}
+
+/// What a measure folds into its slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Fold {
+    /// Rows (arguments: the slot).
+    Rows,
+    /// Rows whose value is not null (the slot, the value).
+    NonNull,
+    /// The sum of an `Int64` value, wrapping (the slot, the value).
+    Sum,
+}
+
+/// An aggregate (no `GROUP BY`) that folds rows into `slots` slots by their slot number, and
+/// returns the slots as one `List<Int64>`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct DenseSlots {
+    fold: Fold,
+    slots: usize,
+    signature: Signature,
+}
+
+impl DenseSlots {
+    pub(crate) fn new(fold: Fold, slots: usize) -> Self {
+        DenseSlots {
+            fold,
+            slots,
+            signature: Signature::variadic_any(Volatility::Immutable),
+        }
+    }
+}
+
+fn slots_type() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true)))
+}
+
+impl AggregateUDFImpl for DenseSlots {
+    fn name(&self) -> &str {
+        "unseen_dense_slots"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(slots_type())
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(SlotsAccumulator {
+            fold: self.fold,
+            slots: vec![0; self.slots],
+        }))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[slots]", args.name),
+            slots_type(),
+            true,
+        ))])
+    }
+}
+
+#[derive(Debug)]
+struct SlotsAccumulator {
+    fold: Fold,
+    slots: Vec<i64>,
+}
+
+fn out_of_range() -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::Internal("a slot outside the key set".into())
+}
+
+impl Accumulator for SlotsAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let Some(slot) = values
+            .first()
+            .and_then(|a| a.as_primitive_opt::<UInt32Type>())
+        else {
+            return internal_err!("unseen_dense_slots takes a UInt32 slot first");
+        };
+        let value = values.get(1);
+        let slots = &mut self.slots;
+        let add = |slots: &mut [i64], s: u32, x: i64| -> Result<()> {
+            let cell = slots.get_mut(s as usize).ok_or_else(out_of_range)?;
+            *cell = cell.wrapping_add(x);
+            Ok(())
+        };
+        match (self.fold, value) {
+            (Fold::Rows, None) => {
+                if slot.null_count() == 0 {
+                    for s in slot.values() {
+                        add(slots, *s, 1)?;
+                    }
+                } else {
+                    for s in slot.iter().flatten() {
+                        add(slots, s, 1)?;
+                    }
+                }
+            }
+            (Fold::NonNull, Some(x)) => {
+                for (i, s) in slot.iter().enumerate() {
+                    if let Some(s) = s
+                        && x.is_valid(i)
+                    {
+                        add(slots, s, 1)?;
+                    }
+                }
+            }
+            (Fold::Sum, Some(x)) => {
+                let Some(x) = x.as_primitive_opt::<Int64Type>() else {
+                    return internal_err!("unseen_dense_slots sums Int64 values");
+                };
+                if slot.null_count() == 0 && x.null_count() == 0 {
+                    for (s, v) in slot.values().iter().zip(x.values()) {
+                        add(slots, *s, *v)?;
+                    }
+                } else {
+                    for (s, v) in slot.iter().zip(x.iter()) {
+                        if let (Some(s), Some(v)) = (s, v) {
+                            add(slots, s, v)?;
+                        }
+                    }
+                }
+            }
+            _ => return internal_err!("unseen_dense_slots: wrong arguments for its fold"),
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let values = Int64Array::from(self.slots.clone());
+        Ok(ScalarValue::List(Arc::new(ListArray::new(
+            Arc::new(Field::new_list_field(DataType::Int64, true)),
+            OffsetBuffer::from_lengths([self.slots.len()]),
+            Arc::new(values),
+            None,
+        ))))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.slots.capacity() * std::mem::size_of::<i64>()
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let Some(lists) = states.first().and_then(|a| a.as_list_opt::<i32>()) else {
+            return internal_err!("unseen_dense_slots merges lists");
+        };
+        for i in 0..lists.len() {
+            if lists.is_null(i) {
+                continue;
+            }
+            let part = lists.value(i);
+            let Some(part) = part.as_primitive_opt::<Int64Type>() else {
+                return internal_err!("unseen_dense_slots merges Int64 slots");
+            };
+            if part.len() != self.slots.len() {
+                return Err(out_of_range());
+            }
+            for (cell, v) in self.slots.iter_mut().zip(part.iter()) {
+                *cell = cell.wrapping_add(v.unwrap_or(0));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The slots of each measure from a dense plan's output (one row, one list per measure).
+pub(super) fn read(
+    batches: &[arrow::record_batch::RecordBatch],
+    slots: usize,
+) -> Option<Vec<Vec<i64>>> {
+    let batch = batches.iter().find(|b| b.num_rows() > 0)?;
+    if batch.num_rows() != 1 || batches.iter().map(|b| b.num_rows()).sum::<usize>() != 1 {
+        return None;
+    }
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let list = c.as_list_opt::<i32>()?;
+            let values = list.value(0);
+            let values = values.as_primitive_opt::<Int64Type>()?;
+            (values.len() == slots).then(|| values.iter().map(|v| v.unwrap_or(0)).collect())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, StringArray};
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn text_values_find_their_key_by_text_and_others_find_none() {
+        let long = "a district name longer than twelve bytes";
+        let values: ArrayRef = Arc::new(StringViewArray::from(vec![
+            Some("D02"),
+            None,
+            Some("D1"),
+            Some(long),
+            Some("D01"),
+            Some(""),
+            Some("D02 "),
+        ]));
+        let k = keys(&["D01", "D02", long, ""]);
+        let p = positions(&values, &k).unwrap();
+        let got: Vec<Option<u32>> = p.iter().collect();
+        assert_eq!(
+            got,
+            vec![Some(1), None, None, Some(2), Some(0), Some(3), None]
+        );
+        // The same through a plain Utf8 column.
+        let plain: ArrayRef = Arc::new(StringArray::from(vec![Some("D01"), Some("x")]));
+        let got: Vec<Option<u32>> = positions(&plain, &k).unwrap().iter().collect();
+        assert_eq!(got, vec![Some(0), None]);
+    }
+
+    #[test]
+    fn integer_values_match_canonical_decimal_keys_in_a_run_or_not() {
+        let values: ArrayRef = Arc::new(Int32Array::from(vec![
+            Some(0),
+            Some(23),
+            Some(24),
+            Some(-1),
+            None,
+            Some(7),
+        ]));
+        let run: Vec<String> = (0..24).map(|h| h.to_string()).collect();
+        let got: Vec<Option<u32>> = positions(&values, &run).unwrap().iter().collect();
+        assert_eq!(got, vec![Some(0), Some(23), None, None, None, Some(7)]);
+        // Not a run, and "07" is not the text of 7.
+        let scattered = keys(&["23", "07", "-1", "x", "0"]);
+        let got: Vec<Option<u32>> = positions(&values, &scattered).unwrap().iter().collect();
+        assert_eq!(got, vec![Some(4), Some(0), None, Some(2), None, None]);
+    }
+
+    #[test]
+    fn slots_fold_rows_values_and_sums_and_merge_partitions() {
+        let slot: ArrayRef = Arc::new(UInt32Array::from(vec![Some(0), Some(2), None, Some(2)]));
+        let x: ArrayRef = Arc::new(Int64Array::from(vec![Some(5), None, Some(9), Some(-3)]));
+        let run = |fold: Fold, args: &[ArrayRef]| {
+            let mut a = SlotsAccumulator {
+                fold,
+                slots: vec![0; 3],
+            };
+            a.update_batch(args).unwrap();
+            // A second partition with the same rows, merged through its state.
+            let mut b = SlotsAccumulator {
+                fold,
+                slots: vec![0; 3],
+            };
+            b.update_batch(args).unwrap();
+            let state = b.state().unwrap()[0].to_array().unwrap();
+            a.merge_batch(&[state]).unwrap();
+            read(
+                &[arrow::record_batch::RecordBatch::try_from_iter([(
+                    "m",
+                    a.evaluate().unwrap().to_array().unwrap(),
+                )])
+                .unwrap()],
+                3,
+            )
+            .unwrap()
+            .remove(0)
+        };
+        assert_eq!(run(Fold::Rows, &[slot.clone()]), vec![2, 0, 4]);
+        assert_eq!(
+            run(Fold::NonNull, &[slot.clone(), x.clone()]),
+            vec![2, 0, 2]
+        );
+        assert_eq!(run(Fold::Sum, &[slot.clone(), x.clone()]), vec![10, 0, -6]);
+        let mut a = SlotsAccumulator {
+            fold: Fold::Rows,
+            slots: vec![0; 2],
+        };
+        assert!(a.update_batch(&[slot]).is_err(), "slot 2 of 2");
+    }
+}
+
+/// The dense plan against DataFusion's `GROUP BY` on the same rows, through a real session:
+/// nulls, values that are no key, a key no row has, several partitions, and a second job
+/// that takes its positions from the cache's memo.
+#[cfg(test)]
+mod against_group_by {
+    use super::*;
+    use crate::engine::{JobSession, Resources, TableCache, TableSpec};
+    use arrow::array::{Float64Array, Int32Array, StringArray};
+    use arrow::record_batch::RecordBatch;
+    use datafusion::functions_aggregate::expr_fn::{count, sum};
+    use datafusion::logical_expr::{AggregateUDF, Expr, LogicalPlanBuilder, ScalarUDF, col, lit};
+
+    fn write_table(path: &std::path::Path, rows: usize) {
+        let district: StringArray = (0..rows)
+            .map(|i| match i % 23 {
+                0 => None,
+                1 => Some("elsewhere".to_string()),
+                k => Some(format!("D{:02}", k % 17)),
+            })
+            .collect();
+        let hour: Int32Array = (0..rows)
+            .map(|i| match i % 31 {
+                0 => None,
+                1 => Some(24),
+                k => Some((k * 7 % 24) as i32),
+            })
+            .collect();
+        let fare: Float64Array = (0..rows)
+            .map(|i| (i % 13 != 0).then(|| (i * 37 % 1000) as f64 / 7.0))
+            .collect();
+        let batch = RecordBatch::try_from_iter([
+            ("district", Arc::new(district) as ArrayRef),
+            ("hour", Arc::new(hour) as ArrayRef),
+            ("fare", Arc::new(fare) as ArrayRef),
+        ])
+        .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(4096))
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(path).unwrap(),
+            batch.schema(),
+            Some(props),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slots_equal_the_grouped_counts_and_sums_key_for_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        write_table(&path, 50_000);
+        let spec = TableSpec {
+            table: "t".into(),
+            path,
+            columns: vec!["district".into(), "hour".into(), "fare".into()],
+            in_memory: false,
+        };
+        let resources = Resources {
+            memory_bytes: 1 << 28,
+            spill: None,
+        };
+        let cache = TableCache::new(256 << 20);
+        // D00 … D16 appear; D17 does not; "elsewhere" and nulls are no key. Hours 0–23 are a
+        // run (24 and nulls are none); the hour keys listed out of order take the map path.
+        let districts: Vec<String> = (0..18).map(|k| format!("D{k:02}")).collect();
+        let runs: Vec<String> = (0..24).map(|h| h.to_string()).collect();
+        let mut shuffled = runs.clone();
+        shuffled.reverse();
+        let fixed = || {
+            ScalarUDF::new_from_impl(crate::gate::fixed_point::FixedPoint::new(
+                0.0, 100.0, 0.0, 1024.0, false,
+            ))
+            .call(vec![col("fare")])
+        };
+
+        let mut kept_before = 0;
+        for (round, hours) in [&runs, &shuffled, &runs].into_iter().enumerate() {
+            let session = JobSession::new(std::slice::from_ref(&spec), &resources, Some(&cache))
+                .await
+                .unwrap();
+            let input = session
+                .plan("SELECT district, hour, fare FROM t")
+                .await
+                .unwrap();
+            let grouped = LogicalPlanBuilder::from(input.clone())
+                .aggregate(
+                    vec![col("district"), col("hour")],
+                    vec![count(lit(1i64)), count(col("fare")), sum(fixed())],
+                )
+                .unwrap()
+                .build()
+                .unwrap();
+            let keys = vec![districts.clone(), hours.clone()];
+            let slots = districts.len() * hours.len();
+            let slot = ScalarUDF::new_from_impl(KeyPositions::new(
+                keys.clone(),
+                session.position_memos().to_vec(),
+            ))
+            .call(vec![col("district"), col("hour")]);
+            let fold = |f: Fold, args: Vec<Expr>| {
+                let mut all = vec![slot.clone()];
+                all.extend(args);
+                AggregateUDF::new_from_impl(DenseSlots::new(f, slots)).call(all)
+            };
+            let dense = LogicalPlanBuilder::from(input)
+                .aggregate(
+                    Vec::<Expr>::new(),
+                    vec![
+                        fold(Fold::Rows, vec![]),
+                        fold(Fold::NonNull, vec![col("fare")]),
+                        fold(Fold::Sum, vec![fixed()]),
+                    ],
+                )
+                .unwrap()
+                .build()
+                .unwrap();
+
+            let mut expected = vec![vec![0i64; slots]; 3];
+            for b in session.execute(grouped).await.unwrap().0 {
+                let d = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                let d = d.as_string::<i32>();
+                let h = b.column(1).as_primitive::<arrow::datatypes::Int32Type>();
+                for r in 0..b.num_rows() {
+                    let (Some(pd), Some(ph)) = (
+                        d.is_valid(r)
+                            .then(|| districts.iter().position(|k| k == d.value(r)))
+                            .flatten(),
+                        h.is_valid(r)
+                            .then(|| hours.iter().position(|k| *k == h.value(r).to_string()))
+                            .flatten(),
+                    ) else {
+                        continue;
+                    };
+                    for (m, e) in expected.iter_mut().enumerate() {
+                        let v = b.column(2 + m).as_primitive::<Int64Type>();
+                        e[pd * hours.len() + ph] = if v.is_null(r) { 0 } else { v.value(r) };
+                    }
+                }
+            }
+            let got = read(&session.execute(dense).await.unwrap().0, slots).unwrap();
+            assert_eq!(got, expected, "round {round}");
+            assert!(
+                expected[0].iter().sum::<i64>() > 40_000,
+                "most rows have a key"
+            );
+            assert!(
+                expected[0][17 * hours.len()..].iter().all(|c| *c == 0),
+                "D17: no rows"
+            );
+            let kept: usize = session.position_memos().iter().map(|m| m.bytes()).sum();
+            assert!(
+                kept > kept_before || round == 2,
+                "round {round}: positions kept"
+            );
+            if round == 2 {
+                assert_eq!(
+                    kept, kept_before,
+                    "the third job reused the first one's positions"
+                );
+            }
+            kept_before = kept;
+        }
+    }
+}
