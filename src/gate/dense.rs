@@ -27,7 +27,7 @@ use arrow::array::{
     UInt32Array, make_view,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
-use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, UInt32Type};
+use arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type, UInt32Type};
 use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
@@ -35,6 +35,7 @@ use datafusion::logical_expr::{
     Volatility,
 };
 
+use super::fixed_point::Convert;
 use crate::engine::PositionMemo;
 
 /// Each row's slot among the public keys of its group columns, in catalogue order
@@ -274,8 +275,9 @@ pub(crate) enum Fold {
     Rows,
     /// Rows whose value is not null (the slot, the value).
     NonNull,
-    /// The sum of an `Int64` value, wrapping (the slot, the value).
-    Sum,
+    /// The sum of a `Float64` value's fixed-point integer (`fixed_point.rs`), wrapping (the
+    /// slot, the value): the conversion and the sum in one pass, with no column between them.
+    Clamped(Convert),
 }
 
 /// An aggregate (no `GROUP BY`) that folds rows into `slots` slots by their slot number, and
@@ -303,7 +305,11 @@ fn slots_type() -> DataType {
 
 impl AggregateUDFImpl for DenseSlots {
     fn name(&self) -> &str {
-        "unseen_dense_slots"
+        match self.fold {
+            Fold::Rows => "unseen_slot_rows",
+            Fold::NonNull => "unseen_slot_values",
+            Fold::Clamped(_) => "unseen_slot_sums",
+        }
     }
 
     fn signature(&self) -> &Signature {
@@ -376,18 +382,18 @@ impl Accumulator for SlotsAccumulator {
                     }
                 }
             }
-            (Fold::Sum, Some(x)) => {
-                let Some(x) = x.as_primitive_opt::<Int64Type>() else {
-                    return internal_err!("unseen_dense_slots sums Int64 values");
+            (Fold::Clamped(convert), Some(x)) => {
+                let Some(x) = x.as_primitive_opt::<Float64Type>() else {
+                    return internal_err!("unseen_dense_slots sums Float64 values");
                 };
                 if slot.null_count() == 0 && x.null_count() == 0 {
                     for (s, v) in slot.values().iter().zip(x.values()) {
-                        add(slots, *s, *v)?;
+                        add(slots, *s, convert.apply(*v))?;
                     }
                 } else {
                     for (s, v) in slot.iter().zip(x.iter()) {
                         if let (Some(s), Some(v)) = (s, v) {
-                            add(slots, s, v)?;
+                            add(slots, s, convert.apply(v))?;
                         }
                     }
                 }
@@ -515,7 +521,12 @@ mod tests {
     #[test]
     fn slots_fold_rows_values_and_sums_and_merge_partitions() {
         let slot: ArrayRef = Arc::new(UInt32Array::from(vec![Some(0), Some(2), None, Some(2)]));
-        let x: ArrayRef = Arc::new(Int64Array::from(vec![Some(5), None, Some(9), Some(-3)]));
+        let x: ArrayRef = Arc::new(arrow::array::Float64Array::from(vec![
+            Some(5.5),
+            None,
+            Some(9.0),
+            Some(-3.0),
+        ]));
         let run = |fold: Fold, args: &[ArrayRef]| {
             let mut a = SlotsAccumulator {
                 fold,
@@ -546,7 +557,9 @@ mod tests {
             run(Fold::NonNull, &[slot.clone(), x.clone()]),
             vec![2, 0, 2]
         );
-        assert_eq!(run(Fold::Sum, &[slot.clone(), x.clone()]), vec![10, 0, -6]);
+        // Clamped to [-2, 5], scaled by 2: 5.5 → 10 (twice), −3 → −4 (twice).
+        let clamped = Fold::Clamped(Convert::new(-2.0, 5.0, 0.0, 2.0, false));
+        assert_eq!(run(clamped, &[slot.clone(), x.clone()]), vec![20, 0, -8]);
         let mut a = SlotsAccumulator {
             fold: Fold::Rows,
             slots: vec![0; 2],
@@ -626,11 +639,10 @@ mod against_group_by {
         let runs: Vec<String> = (0..24).map(|h| h.to_string()).collect();
         let mut shuffled = runs.clone();
         shuffled.reverse();
+        let convert = Convert::new(0.0, 100.0, 0.0, 1024.0, false);
         let fixed = || {
-            ScalarUDF::new_from_impl(crate::gate::fixed_point::FixedPoint::new(
-                0.0, 100.0, 0.0, 1024.0, false,
-            ))
-            .call(vec![col("fare")])
+            ScalarUDF::new_from_impl(crate::gate::fixed_point::FixedPoint::new(convert))
+                .call(vec![col("fare")])
         };
 
         let mut kept_before = 0;
@@ -666,9 +678,9 @@ mod against_group_by {
                 .aggregate(
                     Vec::<Expr>::new(),
                     vec![
-                        fold(Fold::Rows, vec![]),
-                        fold(Fold::NonNull, vec![col("fare")]),
-                        fold(Fold::Sum, vec![fixed()]),
+                        fold(Fold::Rows, vec![]).alias("rows"),
+                        fold(Fold::NonNull, vec![col("fare")]).alias("values"),
+                        fold(Fold::Clamped(convert), vec![col("fare")]).alias("sum"),
                     ],
                 )
                 .unwrap()

@@ -1,8 +1,9 @@
-//! The gate's one scalar kernel: clamp a value to public bounds, shift it, scale it and
+//! The gate's one value kernel: clamp a value to public bounds, shift it, scale it and
 //! truncate it to a fixed-point integer — in one pass, instead of a CASE, a subtraction, a
 //! multiplication and a cast, each of which materialises a column (that chain was a fifth of a
-//! small job's CPU). Built only by the gate into plans it constructs; it is not registered in
-//! the session, so guest SQL cannot name it.
+//! small job's CPU). A scalar function for the grouped plan; the dense plan (`dense.rs`) calls
+//! [`Convert`] inside its sums, with no column in between. Built only by the gate into plans it
+//! constructs; it is not registered in the session, so guest SQL cannot name it.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -14,33 +15,33 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
-#[derive(Debug)]
-pub(crate) struct FixedPoint {
+/// `trunc((clamp(x, lo, hi) − shift) · scale)`, squared before scaling for sums of squares.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Convert {
     lo: f64,
     hi: f64,
     shift: f64,
     scale: f64,
     /// Square the shifted value before scaling (for sums of squares).
     squared: bool,
-    signature: Signature,
 }
 
-impl FixedPoint {
+impl Convert {
     pub(crate) fn new(lo: f64, hi: f64, shift: f64, scale: f64, squared: bool) -> Self {
-        FixedPoint {
+        Convert {
             lo,
             hi,
             shift,
             scale,
             squared,
-            signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
         }
     }
 
     /// `trunc((clamp(x, lo, hi) − shift) · scale)`; NaN counts as `lo`. The result lies in
     /// `[trunc((lo − shift)·scale), trunc((hi − shift)·scale)]`, the bounds the gate gives
     /// OpenDP's `make_sum`. (`as` truncates toward zero, as DataFusion's cast did.)
-    fn convert(&self, x: f64) -> i64 {
+    #[inline]
+    pub(crate) fn apply(&self, x: f64) -> i64 {
         let c = if x.is_nan() {
             self.lo
         } else {
@@ -62,17 +63,33 @@ impl FixedPoint {
     }
 }
 
-impl PartialEq for FixedPoint {
+impl PartialEq for Convert {
     fn eq(&self, other: &Self) -> bool {
         self.key() == other.key()
     }
 }
 
-impl Eq for FixedPoint {}
+impl Eq for Convert {}
 
-impl Hash for FixedPoint {
+impl Hash for Convert {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.key().hash(state);
+    }
+}
+
+/// [`Convert`] as a scalar function over `Float64`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct FixedPoint {
+    convert: Convert,
+    signature: Signature,
+}
+
+impl FixedPoint {
+    pub(crate) fn new(convert: Convert) -> Self {
+        FixedPoint {
+            convert,
+            signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
+        }
     }
 }
 
@@ -92,11 +109,13 @@ impl ScalarUDFImpl for FixedPoint {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         match args.args.first() {
             Some(ColumnarValue::Array(a)) if a.data_type() == &DataType::Float64 => {
-                let out: Int64Array = a.as_primitive::<Float64Type>().unary(|x| self.convert(x));
+                let out: Int64Array = a
+                    .as_primitive::<Float64Type>()
+                    .unary(|x| self.convert.apply(x));
                 Ok(ColumnarValue::Array(Arc::new(out)))
             }
             Some(ColumnarValue::Scalar(ScalarValue::Float64(v))) => Ok(ColumnarValue::Scalar(
-                ScalarValue::Int64(v.map(|x| self.convert(x))),
+                ScalarValue::Int64(v.map(|x| self.convert.apply(x))),
             )),
             _ => internal_err!("unseen_fixed_point takes one Float64 argument"),
         }
@@ -109,15 +128,15 @@ mod tests {
 
     #[test]
     fn values_are_clamped_shifted_scaled_and_truncated() {
-        let f = FixedPoint::new(0.0, 100.0, 50.0, 4.0, false);
-        assert_eq!(f.convert(-3.0), -200);
-        assert_eq!(f.convert(1e300), 200);
-        assert_eq!(f.convert(f64::NAN), -200);
-        assert_eq!(f.convert(f64::INFINITY), 200);
-        assert_eq!(f.convert(50.3), 1); // 1.2 truncates to 1
-        assert_eq!(f.convert(49.7), -1); // −1.2 truncates toward zero
-        let sq = FixedPoint::new(0.0, 100.0, 50.0, 4.0, true);
-        assert_eq!(sq.convert(-3.0), 10_000); // (0 − 50)² · 4
-        assert_eq!(sq.convert(52.0), 16);
+        let f = Convert::new(0.0, 100.0, 50.0, 4.0, false);
+        assert_eq!(f.apply(-3.0), -200);
+        assert_eq!(f.apply(1e300), 200);
+        assert_eq!(f.apply(f64::NAN), -200);
+        assert_eq!(f.apply(f64::INFINITY), 200);
+        assert_eq!(f.apply(50.3), 1); // 1.2 truncates to 1
+        assert_eq!(f.apply(49.7), -1); // −1.2 truncates toward zero
+        let sq = Convert::new(0.0, 100.0, 50.0, 4.0, true);
+        assert_eq!(sq.apply(-3.0), 10_000); // (0 − 50)² · 4
+        assert_eq!(sq.apply(52.0), 16);
     }
 }

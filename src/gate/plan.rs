@@ -150,7 +150,7 @@ impl MeasureSpec {
     /// A clamped sum's per-row value: clamp, shift, (square,) scale and truncate in one
     /// kernel. Truncation toward zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of
     /// the bound's magnitude), far below the noise, and is cheaper than rounding.
-    fn fixed_point_expr(&self) -> Expr {
+    fn convert(&self) -> Option<(Expr, super::fixed_point::Convert)> {
         let MeasureSpec::ClampedSum {
             expr,
             lo,
@@ -161,13 +161,12 @@ impl MeasureSpec {
             ..
         } = self
         else {
-            return lit(ScalarValue::Int64(None));
+            return None;
         };
-        let x = cast(expr.clone(), DataType::Float64);
-        let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
-            super::fixed_point::FixedPoint::new(*lo, *hi, *shift, *fixed_point, *squared),
-        );
-        udf.call(vec![x])
+        Some((
+            cast(expr.clone(), DataType::Float64),
+            super::fixed_point::Convert::new(*lo, *hi, *shift, *fixed_point, *squared),
+        ))
     }
 
     fn aggregate_expr(&self, index: usize) -> Result<Expr, GateError> {
@@ -176,7 +175,13 @@ impl MeasureSpec {
             MeasureSpec::Rows => count(lit(1i64)).alias(name),
             MeasureSpec::NonNull { expr, .. } => count(expr.clone()).alias(name),
             MeasureSpec::Distinct { expr, .. } => count_distinct(expr.clone()).alias(name),
-            MeasureSpec::ClampedSum { .. } => sum(self.fixed_point_expr()).alias(name),
+            MeasureSpec::ClampedSum { .. } => {
+                let (x, convert) = self.convert().ok_or_else(plan_error_text)?;
+                let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(
+                    super::fixed_point::FixedPoint::new(convert),
+                );
+                sum(udf.call(vec![x])).alias(name)
+            }
             // Nulls are gathered too and dropped by the gate; clamping happens there.
             MeasureSpec::Quantile { expr, .. } => {
                 array_agg(cast(expr.clone(), DataType::Float64)).alias(name)
@@ -363,7 +368,10 @@ impl QueryShape {
             let agg = match m {
                 MeasureSpec::Rows => fold(Fold::Rows, vec![]),
                 MeasureSpec::NonNull { expr, .. } => fold(Fold::NonNull, vec![expr.clone()]),
-                MeasureSpec::ClampedSum { .. } => fold(Fold::Sum, vec![m.fixed_point_expr()]),
+                MeasureSpec::ClampedSum { .. } => {
+                    let (x, convert) = m.convert().ok_or_else(plan_error_text)?;
+                    fold(Fold::Clamped(convert), vec![x])
+                }
                 MeasureSpec::Distinct { .. } | MeasureSpec::Quantile { .. } => return Ok(None),
             };
             aggs.push(agg.alias(format!("__m{i}")));
