@@ -85,6 +85,8 @@ pub struct Limits {
     pub max_cached_modules: usize,
     /// Memory for tables kept decoded between jobs, bytes (0: read the Parquet file for every
     /// job). Least recently used tables leave first; a table larger than this is never kept.
+    /// Each table is counted at 1¼ its size: the quarter holds the group-key slots kept with it
+    /// (`engine::PositionMemo`).
     pub table_cache_bytes: usize,
     /// A query asked again with the same options in the same scenario, over the same data file,
     /// gets its earlier release back and spends nothing (false: every query is computed and
