@@ -454,3 +454,37 @@ fn epsilons_with_seventeen_digits_read_back_exactly_and_verify() {
     let summary = verify_db(&f).unwrap();
     assert_eq!(summary.reservations, values.len() as u64);
 }
+
+/// Every reservation reads its scenario's latest grant. That lookup must be one index step,
+/// not a walk back over the scenario's reserves and commits (which grow with every job), and
+/// it must still find the latest grant after many jobs and a new one.
+#[test]
+fn the_grant_lookup_is_indexed_and_finds_the_latest_grant() {
+    let f = fixture(vec![grant("scn", 100.0, 1.0)]);
+    for i in 0..50 {
+        let job = format!("job_{i}");
+        let r = f.ledger.reserve(&reservation(&job, "scn", 0.1)).unwrap();
+        f.ledger.commit(&r, true, "released").unwrap();
+    }
+    let plan: Vec<String> = {
+        let conn = f.store.conn();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", Ledger::GRANT_QUERY))
+            .unwrap();
+        stmt.query_map(params!["scn", "trips"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("USING INDEX ledger_grant")),
+        "{plan:?}"
+    );
+    // A later grant with a per-job cap of 0.2 is the one a reservation is checked against.
+    f.ledger
+        .transact(|_| Ok::<_, LedgerError>(((), vec![grant("scn", 100.0, 0.2)])))
+        .unwrap();
+    assert!(f.ledger.reserve(&reservation("late", "scn", 0.5)).is_err());
+    assert!(f.ledger.reserve(&reservation("small", "scn", 0.1)).is_ok());
+}

@@ -104,6 +104,9 @@ CREATE INDEX IF NOT EXISTS ledger_job ON ledger (job_id);
 CREATE INDEX IF NOT EXISTS ledger_dataset ON ledger (dataset_id);
 CREATE INDEX IF NOT EXISTS ledger_developer ON ledger (developer_id);
 CREATE UNIQUE INDEX IF NOT EXISTS ledger_commit ON ledger (reservation) WHERE kind = 'commit';
+-- A scenario's latest grant on a dataset, read by every reservation: without it the lookup walks
+-- the scenario's reserves and commits back to its grant, so it grows with the scenario's jobs.
+CREATE INDEX IF NOT EXISTS ledger_grant ON ledger (scenario_id, dataset_id, seq) WHERE kind = 'grant';
 -- Running ε per level, moved in the same transaction as each reservation (O(1) cap checks).
 CREATE TABLE IF NOT EXISTS budget_totals (
     level TEXT NOT NULL,
