@@ -356,7 +356,11 @@ impl QueryShape {
         if keys.is_empty() {
             return Ok(None);
         }
-        let slots = keys.iter().map(Vec::len).product::<usize>();
+        // Slots are numbered in 32 bits; the analysis already holds the product to MAX_GROUPS.
+        let slots = keys.iter().try_fold(1usize, |n, k| n.checked_mul(k.len()));
+        let Some(slots) = slots.filter(|n| *n <= MAX_GROUPS) else {
+            return Ok(None);
+        };
         let slot = ScalarUDF::new_from_impl(KeyPositions::new(keys, memos.to_vec()))
             .call(self.groups.iter().map(|g| g.expr.clone()).collect());
         let fold = |f: Fold, mut args: Vec<Expr>| {
