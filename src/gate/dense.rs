@@ -305,11 +305,7 @@ fn slots_type() -> DataType {
 
 impl AggregateUDFImpl for DenseSlots {
     fn name(&self) -> &str {
-        match self.fold {
-            Fold::Rows => "unseen_slot_rows",
-            Fold::NonNull => "unseen_slot_values",
-            Fold::Clamped(_) => "unseen_slot_sums",
-        }
+        fold_name(self.fold)
     }
 
     fn signature(&self) -> &Signature {
@@ -342,6 +338,15 @@ struct SlotsAccumulator {
     slots: Vec<i64>,
 }
 
+/// The aggregate's name for each fold (in plans and in its errors).
+fn fold_name(fold: Fold) -> &'static str {
+    match fold {
+        Fold::Rows => "unseen_slot_rows",
+        Fold::NonNull => "unseen_slot_values",
+        Fold::Clamped(_) => "unseen_slot_sums",
+    }
+}
+
 fn out_of_range() -> datafusion::error::DataFusionError {
     datafusion::error::DataFusionError::Internal("a slot outside the key set".into())
 }
@@ -352,9 +357,15 @@ impl Accumulator for SlotsAccumulator {
             .first()
             .and_then(|a| a.as_primitive_opt::<UInt32Type>())
         else {
-            return internal_err!("unseen_dense_slots takes a UInt32 slot first");
+            return internal_err!(
+                "{}: the first argument is a UInt32 slot",
+                fold_name(self.fold)
+            );
         };
         let value = values.get(1);
+        if value.is_some_and(|v| v.len() != slot.len()) {
+            return internal_err!("{}: arguments of unequal length", fold_name(self.fold));
+        }
         let slots = &mut self.slots;
         let add = |slots: &mut [i64], s: u32, x: i64| -> Result<()> {
             let cell = slots.get_mut(s as usize).ok_or_else(out_of_range)?;
@@ -384,7 +395,7 @@ impl Accumulator for SlotsAccumulator {
             }
             (Fold::Clamped(convert), Some(x)) => {
                 let Some(x) = x.as_primitive_opt::<Float64Type>() else {
-                    return internal_err!("unseen_dense_slots sums Float64 values");
+                    return internal_err!("{}: sums Float64 values", fold_name(self.fold));
                 };
                 if slot.null_count() == 0 && x.null_count() == 0 {
                     for (s, v) in slot.values().iter().zip(x.values()) {
@@ -398,7 +409,7 @@ impl Accumulator for SlotsAccumulator {
                     }
                 }
             }
-            _ => return internal_err!("unseen_dense_slots: wrong arguments for its fold"),
+            _ => return internal_err!("{}: wrong arguments for its fold", fold_name(self.fold)),
         }
         Ok(())
     }
@@ -423,7 +434,7 @@ impl Accumulator for SlotsAccumulator {
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
         let Some(lists) = states.first().and_then(|a| a.as_list_opt::<i32>()) else {
-            return internal_err!("unseen_dense_slots merges lists");
+            return internal_err!("{}: merges lists", fold_name(self.fold));
         };
         for i in 0..lists.len() {
             if lists.is_null(i) {
@@ -431,7 +442,7 @@ impl Accumulator for SlotsAccumulator {
             }
             let part = lists.value(i);
             let Some(part) = part.as_primitive_opt::<Int64Type>() else {
-                return internal_err!("unseen_dense_slots merges Int64 slots");
+                return internal_err!("{}: merges Int64 slots", fold_name(self.fold));
             };
             if part.len() != self.slots.len() {
                 return Err(out_of_range());
@@ -449,10 +460,10 @@ pub(super) fn read(
     batches: &[arrow::record_batch::RecordBatch],
     slots: usize,
 ) -> Option<Vec<Vec<i64>>> {
-    let batch = batches.iter().find(|b| b.num_rows() > 0)?;
-    if batch.num_rows() != 1 || batches.iter().map(|b| b.num_rows()).sum::<usize>() != 1 {
+    if batches.iter().map(|b| b.num_rows()).sum::<usize>() != 1 {
         return None;
     }
+    let batch = batches.iter().find(|b| b.num_rows() == 1)?;
     batch
         .columns()
         .iter()
@@ -564,7 +575,15 @@ mod tests {
             fold: Fold::Rows,
             slots: vec![0; 2],
         };
-        assert!(a.update_batch(&[slot]).is_err(), "slot 2 of 2");
+        assert!(a.update_batch(&[slot.clone()]).is_err(), "slot 2 of 2");
+        let mut b = SlotsAccumulator {
+            fold: Fold::NonNull,
+            slots: vec![0; 3],
+        };
+        assert!(
+            b.update_batch(&[slot, x.slice(0, 2)]).is_err(),
+            "4 slots, 2 values"
+        );
     }
 }
 

@@ -582,13 +582,13 @@ impl Ledger {
         Ok(out)
     }
 
-    /// The latest grant for a scenario on a dataset, read inside `tx`.
     /// The grant a reservation is checked against: by the partial index `ledger_grant`, one
     /// step however many entries the scenario has. Named (`INDEXED BY`) because without
     /// statistics SQLite rates `ledger_scenario` the same, and that one walks every reserve and
     /// commit of the scenario back to its grant.
     const GRANT_QUERY: &str = "SELECT body FROM ledger INDEXED BY ledger_grant WHERE kind = 'grant' AND scenario_id = ?1 AND dataset_id = ?2 ORDER BY seq DESC LIMIT 1";
 
+    /// The latest grant for a scenario on a dataset, read inside `tx`.
     fn grant_in(
         tx: &Transaction<'_>,
         scenario_id: &str,
