@@ -542,6 +542,15 @@ pub(super) async fn budget(
     Ok(Json(body))
 }
 
+/// Makes what was just read from the ledger durable before it is shown: its commits of
+/// released queries are written without fsync (`Ledger::commit_released`), and an entry or
+/// proof once shown must never change after a crash. (Recorded checkpoints need no call: their
+/// own commit is fsynced, after the tree they sign.)
+fn durable(s: &AppState) -> Result<(), ApiError> {
+    s.store.sync().map_err(crate::store::StoreError::from)?;
+    Ok(())
+}
+
 /// Entries, filtered by kind, dataset, scenario, developer, job and time, paged by `after`.
 pub(super) async fn ledger_entries(
     State(s): State<AppState>,
@@ -552,6 +561,7 @@ pub(super) async fn ledger_entries(
     let mut filter = query(q)?;
     filter.limit = Some(filter.limit.unwrap_or(1000).min(10_000));
     let entries = s.ledger.entries(&filter)?;
+    durable(&s)?;
     Ok(Json(
         json!({ "entries": entries, "public_key": s.ledger.public_key_hex() }),
     ))
@@ -579,6 +589,7 @@ pub(super) async fn ledger_totals(
     caller.require(Role::Auditor, "read ledger totals")?;
     let entries = s.ledger.all_entries()?;
     let summary = crate::ledger::replay(&entries).map_err(ApiError::internal)?;
+    durable(&s)?;
     Ok(Json(
         serde_json::to_value(summary).map_err(ApiError::internal)?,
     ))
@@ -655,6 +666,7 @@ pub(super) async fn ledger_proof(
             e.to_string(),
         )
     })?;
+    durable(&s)?;
     Ok(Json(json!({ "proof": proof, "checkpoint": checkpoint })))
 }
 
@@ -682,6 +694,7 @@ pub(super) async fn ledger_consistency(
             e.to_string(),
         )
     })?;
+    durable(&s)?;
     Ok(Json(
         json!({ "proof": proof, "checkpoint": (to == checkpoint.tree_size).then_some(checkpoint) }),
     ))

@@ -16,7 +16,7 @@ use ring::signature::{ED25519, UnparsedPublicKey};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 
 /// One record as stored, served and exported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,7 +228,7 @@ pub fn append_in(
     new: NewRecord,
 ) -> Result<AuditRecord, StoreError> {
     let last: Option<(i64, String)> = tx
-        .query_row(
+        .query_row_cached(
             "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -253,7 +253,7 @@ pub fn append_in(
         hash: String::new(),
     };
     record.hash = record_hash(&record);
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO audit_log (seq, at, request_id, principal_id, role, action, target, outcome, status, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 
 /// 无条件 / 有条件 / 不予开放.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -351,7 +351,7 @@ pub fn register(
     check_against_file(policy, data_dir, file)?;
     let policy_json =
         serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.conn().execute(
+    store.conn().execute_cached(
         "INSERT INTO datasets (id, policy, schema, updated_at) VALUES (?1, ?2, '', ?3)
          ON CONFLICT (id) DO UPDATE SET policy = excluded.policy, updated_at = excluded.updated_at",
         params![policy.id, policy_json, crate::now_rfc3339()],
@@ -414,7 +414,7 @@ pub fn create(store: &Store, data_dir: &Path, policy: &DatasetPolicy) -> Result<
     // One scenario may name several datasets: their SQL table names must not collide.
     let taken: Option<String> = store
         .conn()
-        .query_row(
+        .query_row_cached(
             "SELECT id FROM datasets WHERE json_extract(policy, '$.table') = ?1",
             params![policy.table],
             |r| r.get(0),
@@ -509,7 +509,7 @@ pub fn update(
     }
     check_against_file(&after, data_dir, "request")?;
     let text = serde_json::to_string(&after).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.conn().execute(
+    store.conn().execute_cached(
         "UPDATE datasets SET policy = ?2, updated_at = ?3 WHERE id = ?1",
         params![id, text, crate::now_rfc3339()],
     )?;
@@ -521,7 +521,7 @@ pub(crate) fn policy_in(
     conn: &rusqlite::Connection,
     id: &str,
 ) -> Result<DatasetPolicy, StoreError> {
-    let text: String = conn.query_row(
+    let text: String = conn.query_row_cached(
         "SELECT policy FROM datasets WHERE id = ?1",
         params![id],
         |r| r.get(0),
@@ -532,7 +532,7 @@ pub(crate) fn policy_in(
 pub fn policy(store: &Store, id: &str) -> Result<Option<DatasetPolicy>, StoreError> {
     let text: Option<String> = store
         .read()
-        .query_row(
+        .query_row_cached(
             "SELECT policy FROM datasets WHERE id = ?1",
             params![id],
             |r| r.get(0),
@@ -544,7 +544,7 @@ pub fn policy(store: &Store, id: &str) -> Result<Option<DatasetPolicy>, StoreErr
 
 fn with_budget(store: &Store, policy: DatasetPolicy) -> Result<Dataset, StoreError> {
     let conn = store.conn();
-    let spent: f64 = conn.query_row(
+    let spent: f64 = conn.query_row_cached(
         "SELECT COALESCE(SUM(charged), 0) FROM ledger WHERE dataset_id = ?1",
         params![policy.id],
         |r| r.get(0),

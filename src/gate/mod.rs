@@ -37,10 +37,10 @@ use unseen_guest::contract::{
 use crate::catalog::{DatasetPolicy, KeyValue, OpenAttribute};
 use crate::config::Limits;
 use crate::engine::{EngineError, JobSession, Resources, TableSpec};
-use crate::ledger::{Ledger, LedgerError, Reservation};
+use crate::ledger::{Entry, Ledger, LedgerError, Reservation};
 use crate::sandbox::functions::GuestFunctions;
 use crate::scenario::{Scenario, Status};
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 
 use noise::{Budget, Calibrated, Threshold, calibrate, calibrate_threshold};
 pub use plan::{MeasureSpec, OutputSpec, QueryShape};
@@ -295,6 +295,10 @@ impl Gate {
     /// Answers one query with a DP release, or refuses it having released and spent nothing
     /// (except `query_failed`, where the debit was already durable and stays).
     ///
+    /// The debit is durable before any data is read. The entries that close it are committed
+    /// without `fsync` ([`Ledger::commit_released`]): the caller must commit with `fsync`
+    /// before anything derived from the release leaves the domain, as a job's outcome does.
+    ///
     /// # Privacy
     /// ε-DP with the dataset's privacy unit, for ε = the sum of the measurements' losses
     /// from OpenDP's privacy maps at `d_in` = the rows one unit can change (1, or the bound *k*
@@ -358,17 +362,28 @@ impl Gate {
         };
         match produced {
             Ok(release) => {
-                // The commits are durable before the release leaves the gate.
-                let commits = self.ledger.commit_all(&reservations, true, "released")?;
-                let entries: Vec<(u64, u64)> = reservations
-                    .iter()
-                    .zip(&commits)
-                    .map(|(r, c)| (r.body.seq, c.body.seq))
-                    .collect();
-                if let Some(key) = &cache_key {
-                    self.remember(&scenario.id, key, &release, &entries);
-                }
-                Ok(Released { release, entries })
+                let pairs = |commits: &[Entry]| -> Vec<(u64, u64)> {
+                    reservations
+                        .iter()
+                        .zip(commits)
+                        .map(|(r, c)| (r.body.seq, c.body.seq))
+                        .collect()
+                };
+                // Kept for reuse in the commits' own transaction: one fsync for both.
+                let kept = cache_key
+                    .as_ref()
+                    .map(|key| (key, serde_json::to_string(&release)));
+                // Durable, with the job's outcome, before anything of the release leaves the
+                // domain (see `commit_released`).
+                let commits = self.ledger.commit_released(&reservations, |tx, commits| {
+                    if let Some((key, text)) = &kept {
+                        remember(tx, &scenario.id, key, text, &pairs(commits));
+                    }
+                })?;
+                Ok(Released {
+                    entries: pairs(&commits),
+                    release,
+                })
             }
             Err(e) => {
                 if let Err(le) =
@@ -434,8 +449,8 @@ impl Gate {
         use rusqlite::OptionalExtension;
         let row: Option<(String, i64, i64, Option<String>)> = self
             .store
-            .conn()
-            .query_row(
+            .read()
+            .query_row_cached(
                 "SELECT c.release, c.reservation, c.commit_seq, j.entries FROM release_cache c
                  LEFT JOIN release_cache_joint j ON j.scenario_id = c.scenario_id AND j.request_key = c.request_key
                  WHERE c.scenario_id = ?1 AND c.request_key = ?2",
@@ -458,35 +473,6 @@ impl Gate {
                 entries,
             })
         }))
-    }
-
-    /// Keeps a release for [`Gate::cached`]. A failure only costs a later identical query its
-    /// budget, so it is logged, not raised.
-    fn remember(&self, scenario_id: &str, key: &str, release: &Release, entries: &[(u64, u64)]) {
-        let Some(((reservation, commit), joint)) = entries.split_first() else {
-            return;
-        };
-        let stored = serde_json::to_string(release).map_err(|e| e.to_string()).and_then(|text| {
-            let mut conn = self.store.conn();
-            let tx = conn.transaction().map_err(|e| e.to_string())?;
-            tx.execute(
-                "INSERT OR IGNORE INTO release_cache (scenario_id, request_key, release, reservation, commit_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                rusqlite::params![scenario_id, key, text, *reservation as i64, *commit as i64, crate::now_rfc3339()],
-            )
-            .map_err(|e| e.to_string())?;
-            if !joint.is_empty() {
-                let joint = serde_json::to_string(joint).map_err(|e| e.to_string())?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO release_cache_joint (scenario_id, request_key, entries) VALUES (?1, ?2, ?3)",
-                    rusqlite::params![scenario_id, key, joint],
-                )
-                .map_err(|e| e.to_string())?;
-            }
-            tx.commit().map_err(|e| e.to_string())
-        });
-        if let Err(e) = stored {
-            tracing::warn!("could not keep a release for reuse: {e}");
-        }
     }
 
     /// Answers what `request` would cost and how noisy each column would be, from the SQL, the
@@ -1222,5 +1208,101 @@ fn key_value(k: &KeyValue) -> Value {
     }
 }
 
+/// Keeps a release for [`Gate::cached`], inside the transaction that commits its ledger
+/// entries, under a savepoint: a failure only costs a later identical query its budget, so it
+/// is logged and undone, and the commits stand.
+fn remember(
+    tx: &rusqlite::Transaction<'_>,
+    scenario_id: &str,
+    key: &str,
+    text: &serde_json::Result<String>,
+    entries: &[(u64, u64)],
+) {
+    let Some(((reservation, commit), joint)) = entries.split_first() else {
+        return;
+    };
+    let stored = || -> Result<(), String> {
+        let text = text.as_ref().map_err(|e| e.to_string())?;
+        tx.execute_cached(
+            "INSERT OR IGNORE INTO release_cache (scenario_id, request_key, release, reservation, commit_seq, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![scenario_id, key, text, *reservation as i64, *commit as i64, crate::now_rfc3339()],
+        )
+        .map_err(|e| e.to_string())?;
+        if !joint.is_empty() {
+            let joint = serde_json::to_string(joint).map_err(|e| e.to_string())?;
+            tx.execute_cached(
+                "INSERT OR IGNORE INTO release_cache_joint (scenario_id, request_key, entries) VALUES (?1, ?2, ?3)",
+                rusqlite::params![scenario_id, key, joint],
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    let kept = tx
+        .execute_batch("SAVEPOINT remember")
+        .map_err(|e| e.to_string())
+        .and_then(|()| match stored() {
+            Ok(()) => tx
+                .execute_batch("RELEASE remember")
+                .map_err(|e| e.to_string()),
+            Err(e) => {
+                let undone = tx.execute_batch("ROLLBACK TO remember; RELEASE remember");
+                Err(match undone {
+                    Ok(()) => e,
+                    Err(u) => format!("{e}; undoing it: {u}"),
+                })
+            }
+        });
+    if let Err(e) = kept {
+        tracing::warn!("could not keep a release for reuse: {e}");
+    }
+}
+
 #[cfg(test)]
 mod dp_tests;
+
+#[cfg(test)]
+mod remember_tests {
+    use super::*;
+
+    /// A kept release commits with the transaction it is written in; one that cannot be
+    /// written (here, a second one under the same key, refused by a trigger) is undone alone,
+    /// and what the transaction wrote before it stands.
+    #[test]
+    fn a_release_that_cannot_be_kept_is_undone_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut conn = store.conn();
+        conn.execute_batch(
+            "CREATE TABLE before_it (x INTEGER);
+             CREATE TRIGGER refuse_b BEFORE INSERT ON release_cache_joint
+             WHEN NEW.request_key = 'b' BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute("INSERT INTO before_it VALUES (1)", []).unwrap();
+        let text = Ok("{}".to_string());
+        remember(&tx, "scn", "a", &text, &[(1, 2), (3, 4)]);
+        // Its first row goes in, its joint row is refused: both are undone.
+        remember(&tx, "scn", "b", &text, &[(5, 6), (7, 8)]);
+        let unserialisable = serde_json::from_str::<String>("not json").map(|_| String::new());
+        remember(&tx, "scn", "c", &unserialisable, &[(9, 10)]);
+        tx.commit().unwrap();
+        let keys: Vec<String> = conn
+            .prepare("SELECT request_key FROM release_cache ORDER BY request_key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(keys, ["a"]);
+        let joint: i64 = conn
+            .query_row("SELECT COUNT(*) FROM release_cache_joint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(joint, 1, "a's joint entries only");
+        let before: i64 = conn
+            .query_row("SELECT COUNT(*) FROM before_it", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(before, 1, "the transaction's own write stands");
+    }
+}

@@ -13,7 +13,7 @@ use crate::gate::{Gate, JobGrant, Released};
 use crate::ledger::{Checkpoint, InclusionProof, Ledger};
 use crate::sandbox::functions::UdfMode;
 use crate::sandbox::{Host, Sandbox};
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -244,7 +244,7 @@ impl Runner {
     /// Jobs left queued or running by a previous process did not finish: they fail, and any
     /// budget they debited stays spent.
     pub fn fail_interrupted(&self) -> Result<usize, StoreError> {
-        Ok(self.store.conn().execute(
+        Ok(self.store.conn().execute_cached(
             "UPDATE jobs SET status = 'failed', error_code = 'interrupted',
              error_message = 'the server stopped before the job finished; budget it spent stays spent', finished_at = ?1
              WHERE status IN ('queued', 'running')",
@@ -371,7 +371,7 @@ impl Runner {
         let entries: Option<String> = self
             .store
             .read()
-            .query_row(
+            .query_row_cached(
                 "SELECT entries FROM modules WHERE hash = ?1 AND owner_id = ?2",
                 params![req.module, developer_id],
                 |r| r.get(0),
@@ -415,7 +415,9 @@ impl Runner {
             created_at: crate::now_rfc3339(),
             finished_at: None,
         };
-        self.store.conn().execute(
+        // Not fsynced here: the request's audit record, committed with fsync before the answer
+        // leaves, makes it durable (see `Store::conn_without_fsync`).
+        self.store.conn_without_fsync()?.execute_cached(
             "INSERT INTO jobs (id, developer_id, scenario_id, module_hash, entry, params, status, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7)",
             params![job.id, job.developer_id, job.scenario_id, job.module, job.entry, params_text, job.created_at],
@@ -477,7 +479,7 @@ impl Runner {
         let (developer_id, scenario_id, module_hash, entry, params_text): (String, String, String, String, String) = self
             .store
             .read()
-            .query_row(
+            .query_row_cached(
                 "SELECT developer_id, scenario_id, module_hash, entry, params FROM jobs WHERE id = ?1",
                 params![job_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
@@ -490,7 +492,7 @@ impl Runner {
         // The next durable commit (a ledger reservation, or the job's outcome) covers it.
         let started = tokio::task::spawn_blocking(move || {
             store.without_fsync(|conn| {
-                conn.execute(
+                conn.execute_cached(
                     "UPDATE jobs SET status = 'running' WHERE id = ?1 AND status = 'queued'",
                     params![id],
                 )
@@ -518,12 +520,21 @@ impl Runner {
         let scenario = crate::scenario::get(&self.store, &scenario_id)
             .map_err(|e| internal(e.to_string()))?
             .ok_or_else(|| internal("scenario vanished".into()))?;
-        let bytes = std::fs::read(self.modules_dir.join(format!("{module_hash}.wasm")))
-            .map_err(|e| internal(e.to_string()))?;
-        let module = self
-            .sandbox
-            .validate(&bytes)
-            .map_err(|e| internal(e.to_string()))?;
+        let module = match self.sandbox.compiled(&module_hash) {
+            Some(module) => module,
+            None => {
+                let bytes = std::fs::read(self.modules_dir.join(format!("{module_hash}.wasm")))
+                    .map_err(|e| internal(e.to_string()))?;
+                self.sandbox
+                    .validate(&bytes)
+                    .map_err(|e| internal(e.to_string()))?
+            }
+        };
+        // The file is named by its hash; one whose bytes no longer match is not the module
+        // the job was submitted with, and does not run.
+        if module.hash != module_hash {
+            return Err(internal("the module's file does not match its hash".into()));
+        }
         let guest = self
             .sandbox
             .functions(&module, udf_mode(&scenario, &module.hash));
@@ -751,7 +762,7 @@ fn record_outcome(
     let together = (|| -> Result<(), StoreError> {
         let mut conn = store.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let saved = tx.execute(
+        let saved = tx.execute_cached(
             "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6
              WHERE id = ?1 AND status != 'cancelled'",
             params![job, status.as_str(), code, message, report, crate::now_rfc3339()],
@@ -774,7 +785,7 @@ fn record_outcome(
 fn cancelled(store: &Store, job_id: &str) -> bool {
     store
         .read()
-        .query_row(
+        .query_row_cached(
             "SELECT status = 'cancelled' FROM jobs WHERE id = ?1",
             params![job_id],
             |r| r.get(0),
@@ -784,7 +795,7 @@ fn cancelled(store: &Store, job_id: &str) -> bool {
 
 /// Cancels a developer's queued or running job. Returns false if it had already finished.
 pub fn cancel(store: &Store, job_id: &str) -> Result<bool, StoreError> {
-    Ok(store.conn().execute(
+    Ok(store.conn().execute_cached(
         "UPDATE jobs SET status = 'cancelled', error_code = 'job_cancelled', error_message = 'cancelled by the developer', finished_at = ?2
          WHERE id = ?1 AND status IN ('queued', 'running')",
         params![job_id, crate::now_rfc3339()],
@@ -804,7 +815,7 @@ pub fn decide_review(
     } else {
         ("withheld", Some("withheld"))
     };
-    Ok(store.conn().execute(
+    Ok(store.conn().execute_cached(
         "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4 WHERE id = ?1 AND status = 'awaiting_review'",
         params![job_id, status, code, reason],
     )? == 1)
@@ -850,7 +861,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
 pub fn get(store: &Store, id: &str) -> Result<Option<(Job, Option<Report>)>, StoreError> {
     let row = store
         .read()
-        .query_row(
+        .query_row_cached(
             "SELECT id, developer_id, scenario_id, module_hash, entry, status, error_code, error_message, created_at, finished_at, report
              FROM jobs WHERE id = ?1",
             params![id],

@@ -25,7 +25,7 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 use merkle::{Hash, Tree};
 
 /// Slack for float rounding when comparing sums of ε against a cap.
@@ -336,7 +336,7 @@ fn totals_in<const N: usize>(
     let mut out = [0.0; N];
     for (slot, (level, key)) in out.iter_mut().zip(keys) {
         *slot = tx
-            .query_row(
+            .query_row_cached(
                 "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
                 params![level, key],
                 |row| row.get(0),
@@ -406,6 +406,28 @@ fn check_caps(caps: &Caps, spent: [f64; 4], epsilon: f64) -> Result<(), LedgerEr
         }
     }
     Ok(())
+}
+
+/// The commit events closing `reservations`.
+fn commit_events(
+    reservations: &[Entry],
+    released: bool,
+    note: &str,
+) -> Result<Vec<Event>, LedgerError> {
+    reservations
+        .iter()
+        .map(|reservation| match &reservation.body.event {
+            Event::Reserve { job_id, .. } => Ok(Event::Commit {
+                job_id: job_id.clone(),
+                reservation: reservation.body.seq,
+                released,
+                note: note.into(),
+            }),
+            _ => Err(LedgerError::Invalid(
+                "only a reservation can be committed".into(),
+            )),
+        })
+        .collect()
 }
 
 /// Keys of the running totals for one reservation: job, scenario, developer, dataset (each
@@ -486,12 +508,34 @@ impl Ledger {
     where
         E: From<LedgerError>,
     {
-        let mut conn = self.store.conn();
+        self.transact_then(f, |_, _| {}, true)
+    }
+
+    /// [`Ledger::transact`], running `then` after the entries are appended, before the commit;
+    /// without `fsync` at commit unless `durable` (see [`Store::conn_without_fsync`]).
+    fn transact_then<T, E>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<(T, Vec<Event>), E>,
+        then: impl FnOnce(&Transaction<'_>, &[Entry]),
+        durable: bool,
+    ) -> Result<(T, Vec<Entry>), E>
+    where
+        E: From<LedgerError>,
+    {
+        let (mut full, mut relaxed);
+        let conn: &mut rusqlite::Connection = if durable {
+            full = self.store.conn();
+            &mut full
+        } else {
+            relaxed = self.store.conn_without_fsync().map_err(LedgerError::from)?;
+            &mut relaxed
+        };
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(LedgerError::from)?;
         let (value, events) = f(&tx)?;
         let entries = self.append_in(&tx, events)?;
+        then(&tx, &entries);
         tx.commit().map_err(LedgerError::from)?;
         // Still under the connection lock: the tree grows in the same order as the table.
         let mut tree = self.tree();
@@ -509,7 +553,7 @@ impl Ledger {
         events: Vec<Event>,
     ) -> Result<Vec<Entry>, LedgerError> {
         let (mut seq, mut prev): (u64, String) = tx
-            .query_row(
+            .query_row_cached(
                 "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
@@ -551,7 +595,7 @@ impl Ledger {
                             .filter(|(_, d)| *d > 0.0),
                     );
                 for ((level, key), amount) in totals {
-                    tx.execute(
+                    tx.execute_cached(
                         "INSERT INTO budget_totals (level, key, spent) VALUES (?1, ?2, ?3)
                          ON CONFLICT (level, key) DO UPDATE SET spent = spent + excluded.spent",
                         params![level, key, amount],
@@ -559,7 +603,7 @@ impl Ledger {
                 }
             }
             let ix = entry.body.event.indexed();
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO ledger (seq, body, hash, signature, kind, job_id, scenario_id, dataset_id, developer_id, charged, reservation)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
@@ -595,7 +639,7 @@ impl Ledger {
         dataset_id: &str,
     ) -> Result<Option<Caps>, LedgerError> {
         let body: Option<String> = tx
-            .query_row(Self::GRANT_QUERY, params![scenario_id, dataset_id], |r| {
+            .query_row_cached(Self::GRANT_QUERY, params![scenario_id, dataset_id], |r| {
                 r.get(0)
             })
             .optional()?;
@@ -693,21 +737,28 @@ impl Ledger {
         released: bool,
         note: &str,
     ) -> Result<Vec<Entry>, LedgerError> {
-        let events = reservations
-            .iter()
-            .map(|reservation| match &reservation.body.event {
-                Event::Reserve { job_id, .. } => Ok(Event::Commit {
-                    job_id: job_id.clone(),
-                    reservation: reservation.body.seq,
-                    released,
-                    note: note.into(),
-                }),
-                _ => Err(LedgerError::Invalid(
-                    "only a reservation can be committed".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let events = commit_events(reservations, released, note)?;
         let ((), entries) = self.transact(|_| Ok::<_, LedgerError>(((), events)))?;
+        Ok(entries)
+    }
+
+    /// [`Ledger::commit_all`] for a job's release, with `also` run in the same transaction once
+    /// the commits are appended (it gets them), so that what it writes commits with them.
+    /// `also` cannot undo the commits: what it wants kept only if it succeeds, it writes under
+    /// its own savepoint.
+    ///
+    /// Not fsynced: the debit is the reservation, durable before the data was read, and the
+    /// release reaches only the job's module. Nothing of it leaves the domain before the job's
+    /// outcome is committed with `fsync`, which makes these commits durable too. A crash in
+    /// between loses them, and start-up closes the reservations as interrupted, still charged.
+    pub fn commit_released(
+        &self,
+        reservations: &[Entry],
+        also: impl FnOnce(&Transaction<'_>, &[Entry]),
+    ) -> Result<Vec<Entry>, LedgerError> {
+        let events = commit_events(reservations, true, "released")?;
+        let ((), entries) =
+            self.transact_then(|_| Ok::<_, LedgerError>(((), events)), also, false)?;
         Ok(entries)
     }
 
@@ -737,7 +788,9 @@ impl Ledger {
     /// A signed checkpoint of the tree as it is now; `record` also stores it, so that
     /// `ledger verify --data-dir` can detect entries removed from the end later.
     pub fn checkpoint(&self, record: bool) -> Result<Checkpoint, LedgerError> {
-        let conn = self.store.conn();
+        // Only a recorded checkpoint writes; one for a report reads the tree alone and need
+        // not wait behind another job's commit.
+        let conn = record.then(|| self.store.conn());
         let tree = self.tree();
         let size = tree.len();
         let root = hex::encode(tree.root(size));
@@ -750,8 +803,8 @@ impl Ledger {
             at,
             signature,
         };
-        if record {
-            conn.execute(
+        if let Some(conn) = conn {
+            conn.execute_cached(
                 "INSERT OR REPLACE INTO checkpoints (tree_size, root, at, signature) VALUES (?1, ?2, ?3, ?4)",
                 params![cp.tree_size as i64, cp.root, cp.at, cp.signature],
             )?;
@@ -764,7 +817,7 @@ impl Ledger {
         Ok(self
             .store
             .conn()
-            .query_row("SELECT tree_size, root, at, signature FROM checkpoints ORDER BY tree_size DESC LIMIT 1", [], |r| {
+            .query_row_cached("SELECT tree_size, root, at, signature FROM checkpoints ORDER BY tree_size DESC LIMIT 1", [], |r| {
                 Ok(Checkpoint { tree_size: r.get::<_, i64>(0)? as u64, root: r.get(1)?, at: r.get(2)?, signature: r.get(3)? })
             })
             .optional()?)
@@ -849,7 +902,7 @@ pub(crate) fn spent_in(
         format!("{key}\u{1f}{dataset}")
     };
     Ok(conn
-        .query_row(
+        .query_row_cached(
             "SELECT spent FROM budget_totals WHERE level = ?1 AND key = ?2",
             params![level, key],
             |r| r.get(0),

@@ -488,3 +488,48 @@ fn the_grant_lookup_is_indexed_and_finds_the_latest_grant() {
     assert!(f.ledger.reserve(&reservation("late", "scn", 0.5)).is_err());
     assert!(f.ledger.reserve(&reservation("small", "scn", 0.1)).is_ok());
 }
+
+#[test]
+fn released_commits_carry_their_companion_write_and_wait_for_a_sync() {
+    let f = fixture(vec![grant("scn", 10.0, 1.0)]);
+    assert!(!f.store.sync().unwrap(), "nothing to make durable yet");
+    let r = f.ledger.reserve(&reservation("job_a", "scn", 0.5)).unwrap();
+    assert!(!f.store.sync().unwrap(), "a reservation is fsynced itself");
+    f.store
+        .conn()
+        .execute_batch("CREATE TABLE companion (commit_seq INTEGER NOT NULL)")
+        .unwrap();
+    let commits = f
+        .ledger
+        .commit_released(std::slice::from_ref(&r), |tx, commits| {
+            tx.execute(
+                "INSERT INTO companion (commit_seq) VALUES (?1)",
+                params![commits[0].body.seq as i64],
+            )
+            .unwrap();
+        })
+        .unwrap();
+    assert_eq!(commits.len(), 1);
+    let seq: i64 = f
+        .store
+        .read()
+        .query_row("SELECT commit_seq FROM companion", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        seq as u64, commits[0].body.seq,
+        "written in the commit's transaction"
+    );
+    let synchronous: i64 = f
+        .store
+        .conn()
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(synchronous, 2, "FULL again after the commit");
+    assert!(
+        f.store.sync().unwrap(),
+        "the commit was not fsynced: a sync writes"
+    );
+    assert!(!f.store.sync().unwrap(), "and only once");
+    let s = verify_db(&f).unwrap();
+    assert_eq!((s.reservations, s.released, s.open_reservations), (1, 1, 0));
+}

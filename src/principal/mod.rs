@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -118,7 +118,7 @@ pub fn create(store: &Store, new: &NewPrincipal) -> Result<(Principal, NewToken)
     let id = crate::new_id(new.role.as_str());
     let token = NewToken(new_token());
     let created_at = crate::now_rfc3339();
-    store.conn().execute(
+    store.conn().execute_cached(
         "INSERT INTO principals (id, role, name, organisation, licence_id, token_hash, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -166,7 +166,7 @@ pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, Sto
     }
     let found = store
         .read()
-        .query_row(
+        .query_row_cached(
             // Revoked or suspended: inactive either way.
             "SELECT id, role, name, organisation, licence_id, created_at, COALESCE(revoked_at, suspended_at)
              FROM principals WHERE token_hash = ?1",
@@ -180,7 +180,7 @@ pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, Sto
 pub fn get(store: &Store, id: &str) -> Result<Option<Principal>, StoreError> {
     Ok(store
         .read()
-        .query_row(
+        .query_row_cached(
             "SELECT id, role, name, organisation, licence_id, created_at, COALESCE(revoked_at, suspended_at)
              FROM principals WHERE id = ?1",
             params![id],
@@ -192,7 +192,7 @@ pub fn get(store: &Store, id: &str) -> Result<Option<Principal>, StoreError> {
 
 /// Revokes a principal; returns false if there was no active principal with that id.
 pub fn revoke(store: &Store, id: &str) -> Result<bool, StoreError> {
-    let n = store.conn().execute(
+    let n = store.conn().execute_cached(
         "UPDATE principals SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
         params![id, crate::now_rfc3339()],
     )?;
@@ -203,7 +203,7 @@ pub fn revoke(store: &Store, id: &str) -> Result<bool, StoreError> {
 /// A suspended principal is refused at once, like a revoked one, but can be reinstated.
 pub fn set_suspended(store: &Store, id: &str, suspended: bool) -> Result<bool, StoreError> {
     let at = suspended.then(crate::now_rfc3339);
-    let n = store.conn().execute(
+    let n = store.conn().execute_cached(
         "UPDATE principals SET suspended_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
         params![id, at],
     )?;
@@ -214,7 +214,7 @@ pub fn set_suspended(store: &Store, id: &str, suspended: bool) -> Result<bool, S
 /// token (shown once), or None if there is no active principal with that id.
 pub fn rotate(store: &Store, id: &str) -> Result<Option<NewToken>, StoreError> {
     let token = new_token();
-    let n = store.conn().execute(
+    let n = store.conn().execute_cached(
         "UPDATE principals SET token_hash = ?2 WHERE id = ?1 AND revoked_at IS NULL AND suspended_at IS NULL",
         params![id, token_hash(&token)],
     )?;

@@ -13,7 +13,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{Event, Ledger, LedgerError};
-use crate::store::{Store, StoreError};
+use crate::store::{Cached, Store, StoreError};
 
 /// What a developer applies for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -313,7 +313,7 @@ pub fn apply(
     let id = crate::new_id("scn");
     let created_at = crate::now_rfc3339();
     let text = serde_json::to_string(&app).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.conn().execute(
+    store.conn().execute_cached(
         "INSERT INTO scenarios (id, developer_id, status, application, created_at) VALUES (?1, ?2, 'submitted', ?3, ?4)",
         params![id, developer_id, text, created_at],
     )?;
@@ -380,7 +380,7 @@ fn finish((mut s, text): (Scenario, String)) -> Result<Scenario, StoreError> {
 pub fn get(store: &Store, id: &str) -> Result<Option<Scenario>, StoreError> {
     let row = store
         .read()
-        .query_row(
+        .query_row_cached(
             &format!("SELECT {COLUMNS} FROM scenarios WHERE id = ?1"),
             params![id],
             from_row,
@@ -429,7 +429,7 @@ fn refresh(store: &Store, mut s: Scenario) -> Result<Scenario, StoreError> {
             format!("its budget of ε {cap} is spent on every dataset"),
         )
     };
-    let changed = store.conn().execute(
+    let changed = store.conn().execute_cached(
         "UPDATE scenarios SET status = ?2, reason = ?3, decided_by = NULL, decided_at = ?4 WHERE id = ?1 AND status = 'approved'",
         params![s.id, next.as_str(), reason, crate::now_rfc3339()],
     )?;
@@ -484,7 +484,7 @@ pub fn reserved_for_dataset(store: &Store, dataset_id: &str) -> Result<f64, Stor
 }
 
 fn reserved_in(conn: &rusqlite::Connection, dataset_id: &str) -> Result<f64, StoreError> {
-    Ok(conn.query_row(
+    Ok(conn.query_row_cached(
         "SELECT COALESCE(SUM(s.epsilon_cap), 0) FROM scenarios s, json_each(s.application, '$.columns') d
          WHERE s.status IN ('approved', 'suspended', 'expired', 'exhausted') AND d.key = ?1",
         params![dataset_id],
@@ -605,7 +605,7 @@ pub fn approve(
                 dataset_delta: policy.total_delta,
             });
         }
-        let changed = tx.execute(
+        let changed = tx.execute_cached(
             "UPDATE scenarios SET status = 'approved', epsilon_cap = ?2, per_job_epsilon = ?3, min_group_size = ?4,
              decided_by = ?5, decided_at = ?6, requires_review = ?7, application = ?8 WHERE id = ?1 AND status = 'submitted'",
             params![id, epsilon, per_job, min_group as i64, operator_id, crate::now_rfc3339(), requires_review, app_text],
@@ -637,7 +637,7 @@ pub fn reject(
 ) -> Result<Scenario, ScenarioError> {
     let reason = required_reason(reason)?;
     let scenario = get(store, id)?.ok_or(ScenarioError::NotFound)?;
-    let changed = store.conn().execute(
+    let changed = store.conn().execute_cached(
         "UPDATE scenarios SET status = 'rejected', decided_by = ?2, decided_at = ?3, reason = ?4 WHERE id = ?1 AND status = 'submitted'",
         params![id, operator_id, crate::now_rfc3339(), reason],
     )?;
@@ -660,14 +660,14 @@ pub fn suspend(
     let reason = required_reason(reason)?;
     ledger.transact(|tx| {
         let status: Option<String> = tx
-            .query_row("SELECT status FROM scenarios WHERE id = ?1", params![id], |r| r.get(0))
+            .query_row_cached("SELECT status FROM scenarios WHERE id = ?1", params![id], |r| r.get(0))
             .optional()?;
         let status = Status::parse(&status.ok_or(ScenarioError::NotFound)?);
         if status != Status::Approved {
             return Err(ScenarioError::NotApproved(status));
         }
         let scenario_row: (String, String) =
-            tx.query_row("SELECT developer_id, application FROM scenarios WHERE id = ?1", params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            tx.query_row_cached("SELECT developer_id, application FROM scenarios WHERE id = ?1", params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         let app: Application = serde_json::from_str(&scenario_row.1).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut grants = Vec::new();
         for dataset in app.columns.keys() {
@@ -686,7 +686,7 @@ pub fn suspend(
                 dataset_delta: policy.total_delta,
             });
         }
-        tx.execute(
+        tx.execute_cached(
             "UPDATE scenarios SET status = 'suspended', decided_by = ?2, decided_at = ?3, reason = ?4 WHERE id = ?1",
             params![id, operator_id, crate::now_rfc3339(), reason],
         )?;

@@ -8,9 +8,10 @@
 //! statement began, so a revocation or a finished job is visible to the next read.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Params, Row};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,10 +28,44 @@ pub enum StoreError {
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     readers: Arc<[Mutex<Connection>]>,
+    /// A commit without fsync may have happened since the last [`Store::sync`]. Set and
+    /// cleared only while the writing connection is held.
+    unsynced: Arc<AtomicBool>,
 }
 
 /// Read-only connections: as many as there are threads likely to read at once.
 const READERS: usize = 4;
+
+/// Compiled statements kept per connection (rusqlite's cache; its default is 16). A job runs
+/// about thirty distinct statements, each of which SQLite would otherwise parse and plan anew.
+const STATEMENT_CACHE: usize = 64;
+
+/// `execute` and `query_row` through the connection's statement cache: the statement is
+/// compiled once per connection and reused, instead of parsed and planned on every call.
+pub trait Cached {
+    fn execute_cached<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn query_row_cached<T, P: Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn execute_cached<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn query_row_cached<T, P: Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS principals (
@@ -156,6 +191,12 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_target ON audit_log (target);
+-- One row, rewritten by `Store::sync`: a commit with fsync that makes every commit before it
+-- durable, those made without fsync included.
+CREATE TABLE IF NOT EXISTS durability (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    synced_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS objections (
     id TEXT PRIMARY KEY,
     dataset_id TEXT NOT NULL,
@@ -178,6 +219,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let readers = (0..READERS)
             .map(|_| {
                 let r = Connection::open_with_flags(
@@ -186,12 +228,14 @@ impl Store {
                         | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 r.busy_timeout(std::time::Duration::from_secs(5))?;
+                r.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 Ok(Mutex::new(r))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             readers: readers.into(),
+            unsynced: Arc::default(),
         })
     }
 
@@ -203,30 +247,53 @@ impl Store {
     }
 
     /// Runs `f` on the writing connection with `synchronous=NORMAL`, then restores `FULL`
-    /// (whatever `f` returned). Its commits are not fsynced: a crash may lose them, but never
-    /// corrupts the file, and the next `FULL` commit makes them durable too, since it fsyncs
-    /// the whole write-ahead log. Only for a change whose loss in a crash recovery already
-    /// handles, such as a job's move from `queued` to `running` (both are failed as
-    /// interrupted at start-up).
+    /// (whatever `f` returned). Its commits are not fsynced: see [`Store::conn_without_fsync`].
     pub fn without_fsync<T>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        /// Restores `FULL` when dropped, so that neither an error nor a panic in `f` leaves
-        /// later commits without their fsync. (Failing to restore is logged: returning the
-        /// error would not put the connection back either.)
-        struct Full<'a>(&'a Connection);
-        impl Drop for Full<'_> {
-            fn drop(&mut self) {
-                if let Err(e) = self.0.pragma_update(None, "synchronous", "FULL") {
-                    tracing::error!("could not restore synchronous=FULL: {e}");
-                }
-            }
-        }
-        let conn = self.conn();
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let _full = Full(&conn);
+        let conn = self.conn_without_fsync()?;
         f(&conn)
+    }
+
+    /// The writing connection with `synchronous=NORMAL` until the guard is dropped, which
+    /// restores `FULL` (after an error or a panic too). Its commits are not fsynced: a crash
+    /// may lose them, but never corrupts the file, and the next `FULL` commit makes them
+    /// durable too, since it fsyncs the whole write-ahead log. Only for a change whose loss in
+    /// a crash recovery already handles, and which a `FULL` commit follows before anything
+    /// that depends on it is shown: a job's move from `queued` to `running` (both are failed
+    /// as interrupted at start-up), a job's submission (its request's audit record is
+    /// committed before the answer leaves), a ledger commit (the job's outcome is).
+    ///
+    /// Readers see such a commit at once. So what is shown from them that must not change
+    /// after a crash (the ledger's entries and proofs) is shown only after [`Store::sync`].
+    pub fn conn_without_fsync(&self) -> rusqlite::Result<WithoutFsync<'_>> {
+        let conn = self.conn();
+        conn.execute_cached("PRAGMA synchronous = NORMAL", [])?;
+        Ok(WithoutFsync {
+            conn,
+            unsynced: &self.unsynced,
+        })
+    }
+
+    /// Makes every commit so far durable: if one was made without fsync since the last sync,
+    /// a commit with fsync (of the `durability` row), which fsyncs the whole write-ahead log.
+    /// Call it after reading what is about to be shown, before showing it. Returns whether it
+    /// had to write.
+    pub fn sync(&self) -> rusqlite::Result<bool> {
+        // Under the writing connection: a sync that cleared the flag has finished its commit
+        // before the next caller can look at it.
+        let conn = self.conn();
+        if !self.unsynced.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        conn.execute_cached(
+            "INSERT INTO durability (id, synced_at) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET synced_at = excluded.synced_at",
+            [crate::now_rfc3339()],
+        )?;
+        self.unsynced.store(false, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// A read-only connection, for a read that need not see the caller's own uncommitted
@@ -243,6 +310,36 @@ impl Store {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len();
         self.readers[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The writing connection without fsync at commit; restores `FULL` when dropped. (Failing
+/// to restore is logged: returning the error would not put the connection back either.)
+pub struct WithoutFsync<'a> {
+    conn: MutexGuard<'a, Connection>,
+    unsynced: &'a AtomicBool,
+}
+
+impl Drop for WithoutFsync<'_> {
+    fn drop(&mut self) {
+        // Whether or not anything was committed: the next `sync` writes once more at most.
+        self.unsynced.store(true, Ordering::Relaxed);
+        if let Err(e) = self.conn.execute_cached("PRAGMA synchronous = FULL", []) {
+            tracing::error!("could not restore synchronous=FULL: {e}");
+        }
+    }
+}
+
+impl std::ops::Deref for WithoutFsync<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WithoutFsync<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 }
 
@@ -299,6 +396,42 @@ mod tests {
         }
         drop(held);
         assert_eq!(count(&store.conn()), 2);
+    }
+
+    #[test]
+    fn a_sync_writes_only_after_a_commit_without_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let synced_at = |store: &Store| -> Option<String> {
+            store
+                .read()
+                .query_row("SELECT synced_at FROM durability", [], |r| r.get(0))
+                .ok()
+        };
+        store
+            .conn()
+            .execute(
+                "INSERT INTO modules VALUES ('a', 'dev', 1, '[]', 'now')",
+                [],
+            )
+            .unwrap();
+        assert!(!store.sync().unwrap(), "a FULL commit needs no sync");
+        assert_eq!(synced_at(&store), None);
+        store
+            .conn_without_fsync()
+            .unwrap()
+            .execute(
+                "INSERT INTO modules VALUES ('b', 'dev', 1, '[]', 'now')",
+                [],
+            )
+            .unwrap();
+        assert!(
+            store.sync().unwrap(),
+            "after one without fsync, a sync commits"
+        );
+        assert!(synced_at(&store).is_some());
+        assert!(!store.sync().unwrap(), "once");
+        assert_eq!(count(&store.read()), 2);
     }
 
     #[test]

@@ -34,6 +34,34 @@ fn one_query_module(epsilon: &str) -> Vec<u8> {
     )
 }
 
+/// A released query's ledger commit is written without fsync (the job's outcome, fsynced,
+/// covers it). An auditor's read of the ledger is answered only after a commit with fsync
+/// (the `durability` row) has made what it shows durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auditor_sees_ledger_entries_only_once_they_are_durable() {
+    let s = Server::start().await;
+    let module = s.upload_ok(&one_query_module("0.1")).await;
+    let scenario = s.approved_scenario(&module, &["district"], 1.0, 1.0).await;
+    let job = s.run_job(&scenario, &module, "main", json!({})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let syncs = || -> i64 {
+        let conn = rusqlite::Connection::open(s.dir.path().join("unseen.sqlite")).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM durability", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(syncs(), 0, "nothing has asked for a sync yet");
+    let (status, body) = s
+        .call(Method::GET, "/v1/ledger?kind=commit", &s.auditor, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["entries"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(
+        syncs(),
+        1,
+        "the listing was made durable before it was answered"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_clients_racing_one_cap_get_exactly_what_fits() {
     // Every job asks the same query: with reuse, later ones would take the first's release.
