@@ -109,11 +109,15 @@ impl Server {
     }
 
     pub async fn upload(&self, token: &str, wasm: &[u8]) -> (StatusCode, Value) {
+        // An upload refused for its size is answered before its body is read, and the server
+        // closes that connection: `Connection: close` keeps the client from handing it to the
+        // next call (the broken pipe mended in `http_errors`).
         let resp = self
             .http
             .post(format!("{}/v1/modules", self.base))
             .bearer_auth(token)
             .header("content-type", "application/wasm")
+            .header("connection", "close")
             .body(wasm.to_vec())
             .send()
             .await
