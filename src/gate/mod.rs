@@ -158,14 +158,18 @@ pub struct Gate {
     data_dir: PathBuf,
     limits: Limits,
     tables: crate::engine::TableCache,
+    /// Where jobs spill, with the disk managers of finished jobs (`None`: they do not).
+    spill: Option<crate::engine::Spill>,
     /// Answer a repeated query with its earlier release (see [`Gate::cached`]).
     reuse: bool,
 }
 
 impl Gate {
     pub fn new(store: Store, ledger: Arc<Ledger>, data_dir: PathBuf, limits: Limits) -> Self {
-        // Spill files of an earlier process are of jobs long over: start empty. A directory
-        // that cannot be made leaves spilling to fail, and with it only the queries that spill.
+        // Where queries spill sorts and aggregations that outgrow their memory: inside the data
+        // directory, so inside the domain. Spill files of an earlier process are of jobs long
+        // over: start empty. A directory that cannot be made leaves spilling to fail, and with
+        // it only the queries that spill.
         let spill = data_dir.join(SPILL_DIR);
         let _ = std::fs::remove_dir_all(&spill);
         let _ = std::fs::DirBuilder::new()
@@ -173,6 +177,8 @@ impl Gate {
             .mode(0o700)
             .create(&spill);
         Gate {
+            spill: (limits.spill_bytes > 0)
+                .then(|| crate::engine::Spill::new(spill, limits.spill_bytes)),
             tables: crate::engine::TableCache::new(limits.table_cache_bytes),
             reuse: limits.reuse_releases,
             store,
@@ -180,12 +186,6 @@ impl Gate {
             data_dir,
             limits,
         }
-    }
-
-    /// Where queries spill sorts and aggregations that outgrow their memory: inside the data
-    /// directory, so inside the domain.
-    fn spill_dir(&self) -> PathBuf {
-        self.data_dir.join(SPILL_DIR)
     }
 
     /// Opens a job's view of the data: only the scenario's datasets, only its columns.
@@ -273,8 +273,7 @@ impl Gate {
         }
         let resources = Resources {
             memory_bytes: self.limits.query_memory_bytes,
-            spill: (self.limits.spill_bytes > 0)
-                .then(|| (self.spill_dir(), self.limits.spill_bytes)),
+            spill: self.spill.clone(),
         };
         let session = JobSession::new(&specs, &resources, cache).await?;
         if let Some(guest) = &guest {
