@@ -418,11 +418,10 @@ impl Sandbox {
             });
         }
         let hash = Self::module_hash(bytes);
-        let now = self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some((v, last)) = self.cache().get_mut(&hash) {
-            *last = now;
-            return Ok(v.clone());
+        if let Some(v) = self.compiled(&hash) {
+            return Ok(v);
         }
+        let now = self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Declared sizes first: the pooling allocator refuses to compile a module whose memory
         // or table could not fit a slot, and the limit is the clearer refusal.
         let (memory_bytes, table_elements) = declared_sizes(bytes);
