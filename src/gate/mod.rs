@@ -368,7 +368,7 @@ impl Gate {
                         .map(|(r, c)| (r.body.seq, c.body.seq))
                         .collect()
                 };
-                // Kept for reuse in the commits' own transaction: one fsync for both.
+                // Kept for reuse in the commits' own transaction: durable, or lost, with them.
                 let kept = cache_key
                     .as_ref()
                     .map(|key| (key, serde_json::to_string(&release)));

@@ -36,8 +36,9 @@ pub struct Store {
 /// Read-only connections: as many as there are threads likely to read at once.
 const READERS: usize = 4;
 
-/// Compiled statements kept per connection (rusqlite's cache; its default is 16). A job runs
-/// about thirty distinct statements, each of which SQLite would otherwise parse and plan anew.
+/// Compiled statements kept per connection (rusqlite's cache; its default is 16, fewer than the
+/// distinct statements of a job's path), each of which SQLite would otherwise parse and plan
+/// on every call.
 const STATEMENT_CACHE: usize = 64;
 
 /// `execute` and `query_row` through the connection's statement cache: the statement is
