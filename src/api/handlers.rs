@@ -403,6 +403,15 @@ pub(super) async fn get_result(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
+    visible_job(&s, &caller, &id)?;
+    // A report is shown only once its job's outcome is durable (invariant 2's "never shown").
+    if !s.runner.settled(&id).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_durable",
+            "the job's outcome is not yet on disk; try again",
+        ));
+    }
     let (job, report) = visible_job(&s, &caller, &id)?;
     let reviewer = caller.0.role == Role::Operator;
     match (job.status, report) {

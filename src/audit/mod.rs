@@ -127,8 +127,10 @@ pub fn append(store: &Store, new: NewRecord) -> Result<AuditRecord, StoreError> 
 /// Appends records for many threads at once, several to a commit (group commit): each caller
 /// queues its record, then waits for the writing connection; whoever gets it writes every
 /// record queued by then in one transaction, with one `fsync`, and hands each caller its
-/// record. A caller returns only once its own record is committed, as with [`append`]. Under
-/// concurrent requests this saves an `fsync` per record that shares a commit. A commit that
+/// record. A caller returns only once its own record is durable, as with [`append`]: the
+/// commit is made without fsync, and the sync after it ([`Store::sync_through`]) is shared
+/// with the ledger's and the jobs' writes of that moment. Under concurrent requests this saves
+/// an `fsync` per record that shares a commit or a sync. A commit that
 /// fails fails every record in it, each caller getting the error.
 #[derive(Clone)]
 pub struct GroupAppender {
@@ -139,7 +141,8 @@ pub struct GroupAppender {
 
 struct Queued {
     record: Option<NewRecord>,
-    done: Arc<OnceLock<Result<AuditRecord, String>>>,
+    /// The record as written, with its commit's number for [`Store::sync_through`].
+    done: Arc<OnceLock<Result<(AuditRecord, u64), String>>>,
 }
 
 /// The records one writer took from the queue. Dropped before each has its answer (a panic
@@ -180,8 +183,11 @@ impl GroupAppender {
         });
         // Records leave the queue only under this lock, and get their answers before it is
         // let go: holding it, ours is either answered already or still queued.
-        let mut conn = self.store.conn();
+        // Committed without fsync, then made durable by a sync shared with whoever else
+        // writes at that moment (`Store::write_durably`).
+        let mut conn = self.store.conn_without_fsync()?;
         if done.get().is_none() {
+            let number = conn.number();
             let mut batch = Batch(std::mem::take(&mut *self.queue()));
             let written = (|| {
                 let tx =
@@ -199,7 +205,7 @@ impl GroupAppender {
             match written {
                 Ok(written) => {
                     for (q, record) in batch.0.iter().zip(written) {
-                        let _ = q.done.set(Ok(record));
+                        let _ = q.done.set(Ok((record, number)));
                     }
                 }
                 Err(e) => {
@@ -212,7 +218,10 @@ impl GroupAppender {
         }
         drop(conn);
         match done.get() {
-            Some(Ok(record)) => Ok(record.clone()),
+            Some(Ok((record, number))) => {
+                self.store.sync_through(*number)?;
+                Ok(record.clone())
+            }
             Some(Err(message)) => Err(StoreError::Shared(message.clone())),
             None => Err(StoreError::Shared("the record was not written".into())),
         }

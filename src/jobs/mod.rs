@@ -3,6 +3,7 @@
 //! gate. Its report holds only the module's output and the releases it received — both
 //! functions of DP releases — with the budget spent and the datasets' citations.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{OptionalExtension, params};
@@ -185,6 +186,9 @@ pub struct Runner {
     slots: Arc<tokio::sync::Semaphore>,
     /// Bumped whenever a job's run ends, for callers waiting on one (`GET /v1/jobs/{id}?wait=`).
     finished: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Jobs whose outcome is being recorded: readers may already see it, but it is not yet
+    /// durable, so its report is not shown ([`Runner::settled`]).
+    settling: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Runner {
@@ -206,6 +210,7 @@ impl Runner {
             modules_dir,
             slots,
             finished: Arc::new(tokio::sync::watch::Sender::new(0)),
+            settling: Arc::default(),
         }
     }
 
@@ -229,7 +234,7 @@ impl Runner {
             changes.mark_unchanged();
             let done = get(&self.store, id)?
                 .is_none_or(|(j, _)| !matches!(j.status, JobStatus::Queued | JobStatus::Running));
-            if done {
+            if done && !self.is_settling(id) {
                 return Ok(true);
             }
             if tokio::time::timeout_at(deadline, changes.changed())
@@ -239,6 +244,29 @@ impl Runner {
                 return Ok(false);
             }
         }
+    }
+
+    fn is_settling(&self, id: &str) -> bool {
+        self.settling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// Waits while job `id`'s outcome is committed but not yet durable: a sync at most (or 30
+    /// seconds, for a disk that hangs, after which it answers false).
+    pub async fn settled(&self, id: &str) -> bool {
+        let mut changes = self.finished.subscribe();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.is_settling(id) {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
     }
 
     /// Jobs left queued or running by a previous process did not finish: they fail, and any
@@ -458,6 +486,11 @@ impl Runner {
             // that could be running another job's plan.
             let store = runner.store.clone();
             let job = id.clone();
+            runner
+                .settling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone());
             let recorded = tokio::task::spawn_blocking(move || {
                 record_outcome(&store, &job, developer_id, status, code, message, report)
             })
@@ -465,6 +498,11 @@ impl Runner {
             if recorded.is_err() {
                 tracing::error!(job = %id, "the thread recording the job's outcome failed");
             }
+            runner
+                .settling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             runner.finished.send_modify(|n| *n += 1);
         });
         Ok(job)
@@ -759,8 +797,8 @@ fn record_outcome(
         }
         record
     };
-    let together = (|| -> Result<(), StoreError> {
-        let mut conn = store.conn();
+    // Durable before it returns; its fsync shared with the writers of that moment.
+    let together = store.write_durably(|conn| -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let saved = tx.execute_cached(
             "UPDATE jobs SET status = ?2, error_code = ?3, error_message = ?4, report = ?5, finished_at = ?6
@@ -775,7 +813,7 @@ fn record_outcome(
         crate::audit::append_in(&tx, audit(outcome))?;
         tx.commit()?;
         Ok(())
-    })();
+    });
     if let Err(e) = together {
         tracing::error!(job = %job, "could not record the job's outcome: {e}");
         crate::audit::append_logged(store, audit("unrecorded"));
@@ -875,4 +913,54 @@ pub fn get(store: &Store, id: &str) -> Result<Option<(Job, Option<Report>)>, Sto
         Ok((job, report))
     })
     .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report waits while its job's outcome settles (committed, not yet durable), and only
+    /// then: other jobs are not held up.
+    #[tokio::test]
+    async fn a_report_waits_until_its_outcome_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Arc::new(Ledger::open(store.clone(), dir.path()).unwrap());
+        let limits = crate::config::Limits::default();
+        let gate = Gate::new(
+            store.clone(),
+            ledger.clone(),
+            dir.path().to_path_buf(),
+            limits.clone(),
+        );
+        let sandbox = Arc::new(Sandbox::new(limits).unwrap());
+        let runner = Runner::new(store, gate, ledger, sandbox, dir.path().join("modules"));
+        let settle = |settling: bool| {
+            let mut set = runner.settling.lock().unwrap();
+            if settling {
+                set.insert("job_a".to_string());
+            } else {
+                set.remove("job_a");
+            }
+        };
+        settle(true);
+        let waiting = runner.clone();
+        let waiter = tokio::spawn(async move { waiting.settled("job_a").await });
+        assert!(
+            runner.settled("job_b").await,
+            "another job's report is not held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !waiter.is_finished(),
+            "shown while its outcome was settling"
+        );
+        // Another job's end wakes the waiter, which keeps waiting.
+        runner.finished.send_modify(|n| *n += 1);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "woken by another job's end");
+        settle(false);
+        runner.finished.send_modify(|n| *n += 1);
+        assert!(waiter.await.unwrap(), "settled");
+    }
 }

@@ -511,8 +511,9 @@ impl Ledger {
         self.transact_then(f, |_, _| {}, true)
     }
 
-    /// [`Ledger::transact`], running `then` after the entries are appended, before the commit;
-    /// without `fsync` at commit unless `durable` (see [`Store::conn_without_fsync`]).
+    /// [`Ledger::transact`], running `then` after the entries are appended, before the commit.
+    /// With `durable`, returns once the commit is durable, by a sync it may share with other
+    /// writers ([`Store::write_durably`]); without, at once (see [`Store::conn_without_fsync`]).
     fn transact_then<T, E>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<(T, Vec<Event>), E>,
@@ -522,14 +523,10 @@ impl Ledger {
     where
         E: From<LedgerError>,
     {
-        let (mut full, mut relaxed);
-        let conn: &mut rusqlite::Connection = if durable {
-            full = self.store.conn();
-            &mut full
-        } else {
-            relaxed = self.store.conn_without_fsync().map_err(LedgerError::from)?;
-            &mut relaxed
-        };
+        // Committed without fsync either way; a durable one then waits for a sync, which it
+        // shares with the other writers of that moment (`Store::write_durably`).
+        let mut conn = self.store.conn_without_fsync().map_err(LedgerError::from)?;
+        let number = conn.number();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(LedgerError::from)?;
@@ -538,11 +535,18 @@ impl Ledger {
         then(&tx, &entries);
         tx.commit().map_err(LedgerError::from)?;
         // Still under the connection lock: the tree grows in the same order as the table.
-        let mut tree = self.tree();
-        for e in &entries {
-            tree.push(
-                merkle::parse_hash(&e.hash).ok_or_else(|| LedgerError::Invalid("hash".into()))?,
-            );
+        {
+            let mut tree = self.tree();
+            for e in &entries {
+                tree.push(
+                    merkle::parse_hash(&e.hash)
+                        .ok_or_else(|| LedgerError::Invalid("hash".into()))?,
+                );
+            }
+        }
+        drop(conn);
+        if durable {
+            self.store.sync_through(number).map_err(LedgerError::from)?;
         }
         Ok((value, entries))
     }
@@ -749,7 +753,7 @@ impl Ledger {
     ///
     /// Not fsynced: the debit is the reservation, durable before the data was read, and the
     /// release reaches only the job's module. Nothing of it leaves the domain before the job's
-    /// outcome is committed with `fsync`, which makes these commits durable too. A crash in
+    /// outcome is durable, and the sync that makes it so makes these commits durable too. A crash in
     /// between loses them, and start-up closes the reservations as interrupted, still charged.
     pub fn commit_released(
         &self,

@@ -1,6 +1,8 @@
 //! The SQLite file that holds metadata, the ledger and the audit log. WAL mode with
-//! `synchronous=FULL`: a commit is on disk when it returns, which the ledger relies on (the
-//! one exception, [`Store::without_fsync`], is for changes a crash may lose harmlessly).
+//! `synchronous=FULL`: a commit is on disk when it returns, which the ledger relies on. The
+//! writes on a job's path are committed without fsync instead and then wait for a sync
+//! ([`Store::write_durably`]), which concurrent writers share (group commit); and some changes
+//! a crash may lose harmlessly are not waited for at all ([`Store::without_fsync`]).
 //! One writing connection behind a mutex: writes are serialised, which is also what makes the
 //! ledger's check-then-debit atomic. Reads on the request path (tokens, jobs, scenarios,
 //! policies) go through a few read-only connections instead, so they never wait behind a
@@ -8,7 +10,7 @@
 //! statement began, so a revocation or a finished job is visible to the next read.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, Params, Row};
@@ -28,10 +30,30 @@ pub enum StoreError {
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     readers: Arc<[Mutex<Connection>]>,
-    /// A commit without fsync may have happened since the last [`Store::sync`]. Set and
-    /// cleared only while the writing connection is held.
-    unsynced: Arc<AtomicBool>,
+    durability: Arc<Durability>,
 }
+
+/// Which commits without fsync are durable yet: each is numbered, and a sync records the
+/// number up to which it made them durable.
+#[derive(Default)]
+struct Durability {
+    /// Commits without fsync numbered so far. Taken, under the writing connection, by each
+    /// [`WithoutFsync`] guard before it commits anything; read by a sync under that
+    /// connection too, so a number a sync reads belongs to a finished commit.
+    written: AtomicU64,
+    /// The number up to which commits are durable. Its lock orders syncs, and is taken before
+    /// the writing connection, never while holding it.
+    synced: Mutex<u64>,
+    /// Commits with fsync that syncs made (for tests and the numbers in the README).
+    syncs: AtomicU64,
+    /// Writers waiting for or holding the writing connection without fsync. A sync about to
+    /// start lets them commit first, so that its fsync covers them too.
+    writing: AtomicUsize,
+}
+
+/// How long a sync waits at most for the writers queued for the connection to commit (a
+/// stream of them must not hold it up for ever).
+const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Read-only connections: as many as there are threads likely to read at once.
 const READERS: usize = 4;
@@ -236,7 +258,7 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             readers: readers.into(),
-            unsynced: Arc::default(),
+            durability: Arc::default(),
         })
     }
 
@@ -259,22 +281,51 @@ impl Store {
 
     /// The writing connection with `synchronous=NORMAL` until the guard is dropped, which
     /// restores `FULL` (after an error or a panic too). Its commits are not fsynced: a crash
-    /// may lose them, but never corrupts the file, and the next `FULL` commit makes them
-    /// durable too, since it fsyncs the whole write-ahead log. Only for a change whose loss in
-    /// a crash recovery already handles, and which a `FULL` commit follows before anything
-    /// that depends on it is shown: a job's move from `queued` to `running` (both are failed
-    /// as interrupted at start-up), a job's submission (its request's audit record is
-    /// committed before the answer leaves), a ledger commit (the job's outcome is).
+    /// may lose them, but never corrupts the file, and the next `FULL` commit (a sync) makes
+    /// them durable too, since it fsyncs the whole write-ahead log. Either the caller then
+    /// waits for that sync ([`Store::sync_through`] with the guard's [`WithoutFsync::number`],
+    /// as [`Store::write_durably`] does), or the change is one whose loss in a crash recovery
+    /// already handles, and which a durable write follows before anything that depends on it
+    /// is shown: a job's move from `queued` to `running` (both are failed as interrupted at
+    /// start-up), a job's submission (its request's audit record is durable before the answer
+    /// leaves), a ledger commit (the job's outcome is).
     ///
-    /// Readers see such a commit at once. So what is shown from them that must not change
-    /// after a crash (the ledger's entries and proofs) is shown only after [`Store::sync`].
+    /// Readers see such a commit at once, before it is durable. So what is shown from them
+    /// that must not change after a crash is shown only once durable: the ledger's entries and
+    /// proofs after [`Store::sync`], a job's report once its outcome's sync has returned
+    /// (`Runner::settled`).
     pub fn conn_without_fsync(&self) -> rusqlite::Result<WithoutFsync<'_>> {
+        let writing = Writing::new(&self.durability.writing);
         let conn = self.conn();
         conn.execute_cached("PRAGMA synchronous = NORMAL", [])?;
+        // Numbered before anything is committed, under the connection: a sync that reads this
+        // number reads it after the guard is gone, so after its commits.
+        let number = self.durability.written.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(WithoutFsync {
             conn,
-            unsynced: &self.unsynced,
+            number,
+            _writing: writing,
         })
+    }
+
+    /// Runs `f` (which commits its own transactions) on the writing connection without fsync,
+    /// lets the connection go, then waits until what `f` committed is durable
+    /// ([`Store::sync_through`]). The same promise as a commit with fsync, but writers that
+    /// overlap share one fsync (group commit): while one sync holds the connection for its
+    /// fsync, the commits queued behind it are written, and the next sync covers all of them.
+    /// Readers may see the commit before it is durable; what must not be shown before then
+    /// waits for this call to return (see [`Store::conn_without_fsync`]).
+    pub fn write_durably<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let (value, number) = {
+            let mut conn = self.conn_without_fsync()?;
+            let value = f(&mut conn)?;
+            (value, conn.number)
+        };
+        self.sync_through(number)?;
+        Ok(value)
     }
 
     /// Makes every commit so far durable: if one was made without fsync since the last sync,
@@ -282,19 +333,48 @@ impl Store {
     /// Call it after reading what is about to be shown, before showing it. Returns whether it
     /// had to write.
     pub fn sync(&self) -> rusqlite::Result<bool> {
-        // Under the writing connection: a sync that cleared the flag has finished its commit
-        // before the next caller can look at it.
-        let conn = self.conn();
-        if !self.unsynced.load(Ordering::Relaxed) {
+        // A commit seen by the caller's read took its number before that read began.
+        self.sync_through(self.durability.written.load(Ordering::SeqCst))
+    }
+
+    /// Makes the commits without fsync numbered up to `number` durable, and any others
+    /// finished by then: nothing if a sync already has, else one commit with fsync. Returns
+    /// whether it wrote.
+    pub fn sync_through(&self, number: u64) -> rusqlite::Result<bool> {
+        let mut synced = self
+            .durability
+            .synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *synced >= number {
             return Ok(false);
         }
+        // Writers queued for the connection now would otherwise wait behind this fsync and
+        // then need one of their own: let them commit first.
+        let until = std::time::Instant::now() + GATHER;
+        while self.durability.writing.load(Ordering::SeqCst) > 0
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        let conn = self.conn();
+        // Every number taken so far belongs to a guard that has let the connection go, so to
+        // commits that are finished: this fsync covers them all.
+        let upto = self.durability.written.load(Ordering::SeqCst);
         conn.execute_cached(
             "INSERT INTO durability (id, synced_at) VALUES (1, ?1)
              ON CONFLICT (id) DO UPDATE SET synced_at = excluded.synced_at",
             [crate::now_rfc3339()],
         )?;
-        self.unsynced.store(false, Ordering::Relaxed);
+        drop(conn);
+        *synced = upto;
+        self.durability.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Commits with fsync made by syncs so far.
+    pub fn syncs(&self) -> u64 {
+        self.durability.syncs.load(Ordering::Relaxed)
     }
 
     /// A read-only connection, for a read that need not see the caller's own uncommitted
@@ -318,13 +398,40 @@ impl Store {
 /// to restore is logged: returning the error would not put the connection back either.)
 pub struct WithoutFsync<'a> {
     conn: MutexGuard<'a, Connection>,
-    unsynced: &'a AtomicBool,
+    /// This guard's number among commits without fsync (whether or not it commits anything:
+    /// a sync then writes once more at most).
+    number: u64,
+    /// Dropped after `conn` (fields drop in order): the writer counts as writing until the
+    /// connection is free.
+    _writing: Writing<'a>,
+}
+
+/// Counts a writer in [`Durability::writing`] for as long as it lives.
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Writing(count)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl WithoutFsync<'_> {
+    /// The number to pass to [`Store::sync_through`], once the guard is dropped, to make its
+    /// commits durable.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
 }
 
 impl Drop for WithoutFsync<'_> {
     fn drop(&mut self) {
-        // Whether or not anything was committed: the next `sync` writes once more at most.
-        self.unsynced.store(true, Ordering::Relaxed);
         if let Err(e) = self.conn.execute_cached("PRAGMA synchronous = FULL", []) {
             tracing::error!("could not restore synchronous=FULL: {e}");
         }
@@ -433,6 +540,48 @@ mod tests {
         assert!(synced_at(&store).is_some());
         assert!(!store.sync().unwrap(), "once");
         assert_eq!(count(&store.read()), 2);
+    }
+
+    /// Eight writers commit while a sync holds the lock that orders syncs: when it lets go,
+    /// one commit with fsync makes all eight durable, and each returns only after it.
+    #[test]
+    fn durable_writes_that_overlap_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let held = store.durability.synced.lock().unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    store.write_durably(|conn| {
+                        conn.execute(
+                            "INSERT INTO modules VALUES (?1, 'dev', 1, '[]', 'now')",
+                            [format!("m{i}")],
+                        )
+                    })
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count(&store.read()) < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writers did not commit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "a writer returned before its commit was durable"
+        );
+        assert_eq!(store.syncs(), 0);
+        drop(held);
+        for w in writers {
+            assert_eq!(w.join().unwrap().unwrap(), 1);
+        }
+        assert_eq!(store.syncs(), 1, "one fsync for the eight");
+        assert!(!store.sync().unwrap(), "nothing is left to make durable");
+        assert_eq!(store.syncs(), 1);
     }
 
     #[test]

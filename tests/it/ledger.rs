@@ -34,32 +34,79 @@ fn one_query_module(epsilon: &str) -> Vec<u8> {
     )
 }
 
-/// A released query's ledger commit is written without fsync (the job's outcome, fsynced,
-/// covers it). An auditor's read of the ledger is answered only after a commit with fsync
-/// (the `durability` row) has made what it shows durable.
+/// A released query's ledger commit is written without fsync (the sync that makes the job's
+/// outcome durable covers it). An auditor who lists the ledger in between is answered only
+/// after a sync (a commit with fsync of the `durability` row) has made what it shows durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auditor_sees_ledger_entries_only_once_they_are_durable() {
     let s = Server::start().await;
     let module = s.upload_ok(&one_query_module("0.1")).await;
-    let scenario = s.approved_scenario(&module, &["district"], 1.0, 1.0).await;
-    let job = s.run_job(&scenario, &module, "main", json!({})).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    let syncs = || -> i64 {
-        let conn = rusqlite::Connection::open(s.dir.path().join("unseen.sqlite")).unwrap();
-        conn.query_row("SELECT COUNT(*) FROM durability", [], |r| r.get(0))
-            .unwrap()
+    // Padded: the job's outcome, and the sync with it, wait for the deadline, while its
+    // ledger commit is written as soon as the query is released.
+    let scenario = s
+        .approved_application(json!({
+            "purpose": "testing",
+            "columns": {"trips": ["district"]},
+            "modules": [module],
+            "epsilon": 1.0,
+            "per_job_epsilon": 1.0,
+            "pad_to_seconds": 5,
+        }))
+        .await;
+    let (status, job) = s
+        .call(
+            Method::POST,
+            "/v1/jobs",
+            &s.developer,
+            Some(json!({"scenario_id": scenario, "module": module, "entry": "main", "params": {}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    // Read beside the server, so that reading syncs nothing.
+    let db = rusqlite::Connection::open(s.dir.path().join("unseen.sqlite")).unwrap();
+    let commits = || -> i64 {
+        db.query_row(
+            "SELECT COUNT(*) FROM ledger WHERE kind = 'commit'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
     };
-    assert_eq!(syncs(), 0, "nothing has asked for a sync yet");
+    let synced_at = || -> Option<String> {
+        db.query_row("SELECT synced_at FROM durability", [], |r| r.get(0))
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while commits() == 0 {
+        assert!(Instant::now() < deadline, "the commit was not written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, running) = s
+        .call(
+            Method::GET,
+            &format!("/v1/jobs/{}", job["id"].as_str().unwrap()),
+            &s.developer,
+            None,
+        )
+        .await;
+    assert_eq!(running["status"], "running", "still padded: {running}");
+    let before = synced_at();
+    assert!(before.is_some(), "the reservation was synced");
     let (status, body) = s
         .call(Method::GET, "/v1/ledger?kind=commit", &s.auditor, None)
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["entries"].as_array().unwrap().len(), 1, "{body}");
-    assert_eq!(
-        syncs(),
-        1,
+    assert_ne!(
+        synced_at(),
+        before,
         "the listing was made durable before it was answered"
     );
+    let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    let done = s
+        .wait_job(&path, &s.developer, &["succeeded", "failed"])
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
