@@ -551,12 +551,18 @@ pub(super) async fn budget(
     Ok(Json(body))
 }
 
-/// Makes what was just read from the ledger durable before it is shown: its commits of
-/// released queries are written without fsync (`Ledger::commit_released`), and an entry or
-/// proof once shown must never change after a crash. (Recorded checkpoints need no call: their
-/// own commit is fsynced, after the tree they sign.)
-fn durable(s: &AppState) -> Result<(), ApiError> {
-    s.store.sync().map_err(crate::store::StoreError::from)?;
+/// Makes what was just read from the ledger durable before it is shown: readers see a commit
+/// before its sync (released queries' commits are not waited for at all, see
+/// `Ledger::commit_released`), and an entry or proof once shown must never change after a
+/// crash. (Recorded checkpoints need no call: their own commit waits for its sync, after the
+/// tree they sign is read.)
+/// On a blocking thread: the sync may wait for other writers and for its fsync.
+async fn durable(s: &AppState) -> Result<(), ApiError> {
+    let store = s.store.clone();
+    tokio::task::spawn_blocking(move || store.sync())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(crate::store::StoreError::from)?;
     Ok(())
 }
 
@@ -570,7 +576,7 @@ pub(super) async fn ledger_entries(
     let mut filter = query(q)?;
     filter.limit = Some(filter.limit.unwrap_or(1000).min(10_000));
     let entries = s.ledger.entries(&filter)?;
-    durable(&s)?;
+    durable(&s).await?;
     Ok(Json(
         json!({ "entries": entries, "public_key": s.ledger.public_key_hex() }),
     ))
@@ -598,7 +604,7 @@ pub(super) async fn ledger_totals(
     caller.require(Role::Auditor, "read ledger totals")?;
     let entries = s.ledger.all_entries()?;
     let summary = crate::ledger::replay(&entries).map_err(ApiError::internal)?;
-    durable(&s)?;
+    durable(&s).await?;
     Ok(Json(
         serde_json::to_value(summary).map_err(ApiError::internal)?,
     ))
@@ -675,7 +681,7 @@ pub(super) async fn ledger_proof(
             e.to_string(),
         )
     })?;
-    durable(&s)?;
+    durable(&s).await?;
     Ok(Json(json!({ "proof": proof, "checkpoint": checkpoint })))
 }
 
@@ -703,7 +709,7 @@ pub(super) async fn ledger_consistency(
             e.to_string(),
         )
     })?;
-    durable(&s)?;
+    durable(&s).await?;
     Ok(Json(
         json!({ "proof": proof, "checkpoint": (to == checkpoint.tree_size).then_some(checkpoint) }),
     ))
