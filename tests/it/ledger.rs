@@ -53,15 +53,7 @@ async fn an_auditor_sees_ledger_entries_only_once_they_are_durable() {
             "pad_to_seconds": 5,
         }))
         .await;
-    let (status, job) = s
-        .call(
-            Method::POST,
-            "/v1/jobs",
-            &s.developer,
-            Some(json!({"scenario_id": scenario, "module": module, "entry": "main", "params": {}})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let path = s.submit_job(&scenario, &module, "main", json!({})).await;
     // Read beside the server, so that reading syncs nothing.
     let db = rusqlite::Connection::open(s.dir.path().join("unseen.sqlite")).unwrap();
     let commits = || -> i64 {
@@ -81,14 +73,7 @@ async fn an_auditor_sees_ledger_entries_only_once_they_are_durable() {
         assert!(Instant::now() < deadline, "the commit was not written");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (_, running) = s
-        .call(
-            Method::GET,
-            &format!("/v1/jobs/{}", job["id"].as_str().unwrap()),
-            &s.developer,
-            None,
-        )
-        .await;
+    let (_, running) = s.call(Method::GET, &path, &s.developer, None).await;
     assert_eq!(running["status"], "running", "still padded: {running}");
     let before = synced_at();
     assert!(before.is_some(), "the reservation was synced");
@@ -102,7 +87,6 @@ async fn an_auditor_sees_ledger_entries_only_once_they_are_durable() {
         before,
         "the listing was made durable before it was answered"
     );
-    let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
     let done = s
         .wait_job(&path, &s.developer, &["succeeded", "failed"])
         .await;

@@ -177,13 +177,24 @@ impl Server {
 
     /// Submits a job as the developer and waits for it to end; returns the job's final JSON.
     pub async fn run_job(&self, scenario: &str, module: &str, entry: &str, params: Value) -> Value {
+        let path = self.submit_job(scenario, module, entry, params).await;
+        self.wait_job(&path, &self.developer, &["succeeded", "failed"])
+            .await
+    }
+
+    /// Submits a job as the developer; returns its path, `/v1/jobs/{id}`.
+    pub async fn submit_job(
+        &self,
+        scenario: &str,
+        module: &str,
+        entry: &str,
+        params: Value,
+    ) -> String {
         let (status, job) = self
             .call(Method::POST, "/v1/jobs", &self.developer, Some(json!({"scenario_id": scenario, "module": module, "entry": entry, "params": params})))
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
-        self.wait_job(&path, &self.developer, &["succeeded", "failed"])
-            .await
+        format!("/v1/jobs/{}", job["id"].as_str().unwrap())
     }
 
     /// Polls `GET {path}` (a job) as `token` until its status is one of `statuses`; at most a minute.
