@@ -556,6 +556,7 @@ pub(super) async fn budget(
 /// `Ledger::commit_released`), and an entry or proof once shown must never change after a
 /// crash. (Recorded checkpoints need no call: their own commit waits for its sync, after the
 /// tree they sign is read.)
+///
 /// On a blocking thread: the sync may wait for other writers and for its fsync.
 async fn durable(s: &AppState) -> Result<(), ApiError> {
     let store = s.store.clone();

@@ -130,8 +130,8 @@ pub fn append(store: &Store, new: NewRecord) -> Result<AuditRecord, StoreError> 
 /// record. A caller returns only once its own record is durable, as with [`append`]: the
 /// commit is made without fsync, and the sync after it ([`Store::sync_through`]) is shared
 /// with the ledger's and the jobs' writes of that moment. Under concurrent requests this saves
-/// an `fsync` per record that shares a commit or a sync. A commit that
-/// fails fails every record in it, each caller getting the error.
+/// an `fsync` per record that shares a commit or a sync. A commit that fails fails every
+/// record in it, each caller getting the error.
 #[derive(Clone)]
 pub struct GroupAppender {
     store: Store,
