@@ -798,6 +798,7 @@ fn record_outcome(
         record
     };
     // Durable before it returns; its fsync shared with the writers of that moment.
+    let mut committed = false;
     let together = store.write_durably(|conn| -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let saved = tx.execute_cached(
@@ -812,11 +813,20 @@ fn record_outcome(
         };
         crate::audit::append_in(&tx, audit(outcome))?;
         tx.commit()?;
+        committed = true;
         Ok(())
     });
-    if let Err(e) = together {
-        tracing::error!(job = %job, "could not record the job's outcome: {e}");
-        crate::audit::append_logged(store, audit("unrecorded"));
+    match together {
+        Ok(()) => {}
+        // Recorded, with its audit record; only the sync failed (the disk is failing): the
+        // next sync, or the crash, decides.
+        Err(e) if committed => {
+            tracing::error!(job = %job, "the job's outcome is committed but not yet durable: {e}")
+        }
+        Err(e) => {
+            tracing::error!(job = %job, "could not record the job's outcome: {e}");
+            crate::audit::append_logged(store, audit("unrecorded"));
+        }
     }
 }
 
