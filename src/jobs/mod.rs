@@ -221,20 +221,43 @@ impl Runner {
         Ok(cancelled)
     }
 
-    /// Waits until job `id` has left `queued` and `running` (or `timeout` passes); answers
-    /// whether it has.
+    /// Waits until job `id` has left `queued` and `running`, and its outcome is durable (or
+    /// `timeout` passes); answers whether it has.
     pub async fn wait_finished(
         &self,
         id: &str,
         timeout: std::time::Duration,
     ) -> Result<bool, StoreError> {
+        self.wait_until(timeout, || {
+            let done = get(&self.store, id)?
+                .is_none_or(|(j, _)| !matches!(j.status, JobStatus::Queued | JobStatus::Running));
+            Ok(done && !self.settling().contains(id))
+        })
+        .await
+    }
+
+    /// Waits while job `id`'s outcome is committed but not yet durable: a sync at most (or 30
+    /// seconds, for a disk that hangs, after which it answers false).
+    pub async fn settled(&self, id: &str) -> bool {
+        self.wait_until(std::time::Duration::from_secs(30), || {
+            Ok(!self.settling().contains(id))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Checks `done` now and whenever a job's run ends, until it holds (true) or `timeout`
+    /// passes (false).
+    async fn wait_until(
+        &self,
+        timeout: std::time::Duration,
+        mut done: impl FnMut() -> Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.finished.subscribe();
         loop {
             changes.mark_unchanged();
-            let done = get(&self.store, id)?
-                .is_none_or(|(j, _)| !matches!(j.status, JobStatus::Queued | JobStatus::Running));
-            if done && !self.is_settling(id) {
+            if done()? {
                 return Ok(true);
             }
             if tokio::time::timeout_at(deadline, changes.changed())
@@ -246,27 +269,8 @@ impl Runner {
         }
     }
 
-    fn is_settling(&self, id: &str) -> bool {
-        self.settling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
-    }
-
-    /// Waits while job `id`'s outcome is committed but not yet durable: a sync at most (or 30
-    /// seconds, for a disk that hangs, after which it answers false).
-    pub async fn settled(&self, id: &str) -> bool {
-        let mut changes = self.finished.subscribe();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while self.is_settling(id) {
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                return false;
-            }
-        }
-        true
+    fn settling(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.settling.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Jobs left queued or running by a previous process did not finish: they fail, and any
@@ -486,11 +490,7 @@ impl Runner {
             // that could be running another job's plan.
             let store = runner.store.clone();
             let job = id.clone();
-            runner
-                .settling
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone());
+            runner.settling().insert(id.clone());
             let recorded = tokio::task::spawn_blocking(move || {
                 record_outcome(&store, &job, developer_id, status, code, message, report)
             })
@@ -498,11 +498,7 @@ impl Runner {
             if recorded.is_err() {
                 tracing::error!(job = %id, "the thread recording the job's outcome failed");
             }
-            runner
-                .settling
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            runner.settling().remove(&id);
             runner.finished.send_modify(|n| *n += 1);
         });
         Ok(job)
@@ -946,7 +942,7 @@ mod tests {
         let sandbox = Arc::new(Sandbox::new(limits).unwrap());
         let runner = Runner::new(store, gate, ledger, sandbox, dir.path().join("modules"));
         let settle = |settling: bool| {
-            let mut set = runner.settling.lock().unwrap();
+            let mut set = runner.settling();
             if settling {
                 set.insert("job_a".to_string());
             } else {
