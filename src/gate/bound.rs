@@ -865,6 +865,59 @@ pub(super) fn joined(plan: &LogicalPlan) -> bool {
     matches!(split_filters(plan).0, LogicalPlan::Join(_))
 }
 
+/// Pass 2's decision for `plan`, a scan or join under the query's filters: the scan (or join)
+/// without them, and `unseen_keep` over its rows, true for the rows to aggregate. The query's
+/// own filters become keep's second argument rather than filters below it: DataFusion merges
+/// adjacent filters into one AND, whose sides see every row, so keep must itself skip the rows
+/// the query drops (as pass 1 did) to sample the right ones.
+pub(super) fn keep_expr<'a>(
+    plan: &'a LogicalPlan,
+    unit: &UnitBound,
+    selection: &Arc<Selection>,
+) -> Result<(&'a LogicalPlan, Expr), GateError> {
+    let (scan, predicates) = split_filters(plan);
+    let predicate = predicates
+        .into_iter()
+        .reduce(Expr::and)
+        .unwrap_or_else(|| lit(true));
+    let mut args = vec![Expr::Column(unit.key.clone()), predicate];
+    for c in unit.groups.iter().flat_map(|g| &g.columns) {
+        args.push(scan_column(plan, c)?);
+    }
+    let keep = ScalarUDF::new_from_impl(Keep {
+        selection: selection.clone(),
+        signature: Signature::any(args.len(), Volatility::Volatile),
+    })
+    .call(args);
+    Ok((scan, keep))
+}
+
+/// `scan` with every column it has and pass 2's decision `keep` beside them, as the column
+/// [`KEEP_COLUMN`]. A volatile expression in a projection stays where it is: keep runs once on
+/// every row of `scan`.
+pub(super) fn with_keep_column(scan: &LogicalPlan, keep: Expr) -> Result<LogicalPlan, GateError> {
+    let mut columns: Vec<Expr> = scan
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    columns.push(keep.alias(KEEP_COLUMN));
+    LogicalPlanBuilder::from(scan.clone())
+        .project(columns)
+        .and_then(|b| b.build())
+        .map_err(|_| internal())
+}
+
+/// Whether `plan` is one table's scan under a chain of filters (or none).
+pub(super) fn scan_with_filters(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::TableScan(_) => true,
+        LogicalPlan::Filter(f) => scan_with_filters(&f.input),
+        _ => false,
+    }
+}
+
 /// `plan` with its scan (and the filters directly on it) followed by pass 2's filter.
 pub(super) fn bound_contributions(
     plan: &LogicalPlan,
@@ -872,39 +925,19 @@ pub(super) fn bound_contributions(
     selection: &Arc<Selection>,
 ) -> Result<LogicalPlan, GateError> {
     if scan_with_filters(plan) || joined(plan) {
-        // The query's own filters become keep's second argument rather than filters below it:
-        // DataFusion merges adjacent filters into one AND, whose sides see every row, so keep
-        // must itself skip the rows the query drops (as pass 1 did) to sample the right ones.
-        let (scan, predicates) = split_filters(plan);
-        let predicate = predicates
-            .into_iter()
-            .reduce(Expr::and)
-            .unwrap_or_else(|| lit(true));
-        let mut args = vec![Expr::Column(unit.key.clone()), predicate];
-        for c in unit.groups.iter().flat_map(|g| &g.columns) {
-            args.push(scan_column(plan, c)?);
-        }
-        let keep = ScalarUDF::new_from_impl(Keep {
-            selection: selection.clone(),
-            signature: Signature::any(args.len(), Volatility::Volatile),
-        })
-        .call(args);
+        let (scan, keep) = keep_expr(plan, unit, selection)?;
         if joined(plan) {
             // Above a join, a filter on one side's columns would be pushed into both sides
             // (the join equates them), and keep would see each side's rows instead of the
-            // join's. A volatile expression in a projection stays where it is, and so does a
-            // filter on its result: keep runs once on every row of the join.
+            // join's. A filter on a projected column stays above the projection.
             let columns: Vec<Expr> = scan
                 .schema()
                 .columns()
                 .into_iter()
                 .map(Expr::Column)
                 .collect();
-            let mut with_keep = columns.clone();
-            with_keep.push(keep.alias(KEEP_COLUMN));
-            return LogicalPlanBuilder::from(scan.clone())
-                .project(with_keep)
-                .and_then(|b| b.filter(Expr::Column(Column::new_unqualified(KEEP_COLUMN))))
+            return LogicalPlanBuilder::from(with_keep_column(scan, keep)?)
+                .filter(Expr::Column(Column::new_unqualified(KEEP_COLUMN)))
                 .and_then(|b| b.project(columns))
                 .and_then(|b| b.build())
                 .map_err(|_| internal());
@@ -923,8 +956,8 @@ pub(super) fn bound_contributions(
         .map_err(|_| internal())
 }
 
-/// The column pass 2's decision is projected into above a join (see `bound_contributions`).
-const KEEP_COLUMN: &str = "__unseen_keep";
+/// The column pass 2's decision is projected into (see [`with_keep_column`]).
+pub(super) const KEEP_COLUMN: &str = "__unseen_keep";
 
 /// The scan (or join) under a chain of filters, and the filters' predicates.
 pub(super) fn split_filters(plan: &LogicalPlan) -> (&LogicalPlan, Vec<Expr>) {
@@ -935,14 +968,6 @@ pub(super) fn split_filters(plan: &LogicalPlan) -> (&LogicalPlan, Vec<Expr>) {
             (scan, predicates)
         }
         other => (other, Vec::new()),
-    }
-}
-
-fn scan_with_filters(plan: &LogicalPlan) -> bool {
-    match plan {
-        LogicalPlan::TableScan(_) => true,
-        LogicalPlan::Filter(f) => scan_with_filters(&f.input),
-        _ => false,
     }
 }
 

@@ -141,6 +141,71 @@ impl ScalarUDFImpl for KeyPositions {
     }
 }
 
+/// A slot where the row is kept, null where it is not: `unseen_slot_where(slot, keep)` folds
+/// pass 2's decision into the slot, so that a person-bounded dense plan drops rows without a
+/// filter copying every column it keeps (and the slots of a cached table's own key column
+/// come from its memo, which a filtered copy would miss).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SlotWhere {
+    signature: Signature,
+}
+
+impl SlotWhere {
+    pub(crate) fn new() -> Self {
+        SlotWhere {
+            signature: Signature::exact(
+                vec![DataType::UInt32, DataType::Boolean],
+                // Its argument is volatile; the function itself is not.
+                Volatility::Immutable,
+            ),
+        }
+    }
+}
+
+impl ScalarUDFImpl for SlotWhere {
+    fn name(&self) -> &str {
+        "unseen_slot_where"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::UInt32)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let [slot, keep] = args.args.as_slice() else {
+            return internal_err!("unseen_slot_where takes a slot and a decision");
+        };
+        let (slot, keep) = (
+            slot.to_array(args.number_rows)?,
+            keep.to_array(args.number_rows)?,
+        );
+        let (Some(slot), Some(keep)) =
+            (slot.as_primitive_opt::<UInt32Type>(), keep.as_boolean_opt())
+        else {
+            return internal_err!("unseen_slot_where takes a UInt32 slot and a Boolean decision");
+        };
+        if slot.len() != keep.len() {
+            return internal_err!("unseen_slot_where: arguments of unequal length");
+        }
+        // Kept: the decision is true (a null decision keeps nothing) and the slot is valid.
+        let mut kept = keep.values().clone();
+        if let Some(n) = keep.nulls() {
+            kept = &kept & n.inner();
+        }
+        if let Some(n) = slot.nulls() {
+            kept = &kept & n.inner();
+        }
+        Ok(ColumnarValue::Array(Arc::new(UInt32Array::new(
+            slot.values().clone(),
+            Some(NullBuffer::new(kept)),
+        ))))
+    }
+}
+
 /// Each value's position in `keys` (null: a null value, or none of the keys), matched by
 /// text. Integer columns are matched as integers (a key matches when its text is the value's
 /// decimal text); everything else as Arrow's cast to text, through string views.
@@ -374,13 +439,18 @@ impl Accumulator for SlotsAccumulator {
         };
         match (self.fold, value) {
             (Fold::Rows, None) => {
-                if slot.null_count() == 0 {
-                    for s in slot.values() {
-                        add(slots, *s, 1)?;
+                match slot.nulls().filter(|n| n.null_count() > 0) {
+                    None => {
+                        for s in slot.values() {
+                            add(slots, *s, 1)?;
+                        }
                     }
-                } else {
-                    for s in slot.iter().flatten() {
-                        add(slots, s, 1)?;
+                    // Only the valid slots' rows, by the bitmap's set bits.
+                    Some(valid) => {
+                        let values = slot.values();
+                        for i in valid.inner().set_indices() {
+                            add(slots, values[i], 1)?;
+                        }
                     }
                 }
             }
@@ -400,6 +470,11 @@ impl Accumulator for SlotsAccumulator {
                 if slot.null_count() == 0 && x.null_count() == 0 {
                     for (s, v) in slot.values().iter().zip(x.values()) {
                         add(slots, *s, convert.apply(*v))?;
+                    }
+                } else if let (Some(valid), 0) = (slot.nulls(), x.null_count()) {
+                    let (s, v) = (slot.values(), x.values());
+                    for i in valid.inner().set_indices() {
+                        add(slots, s[i], convert.apply(v[i]))?;
                     }
                 } else {
                     for (s, v) in slot.iter().zip(x.iter()) {
@@ -527,6 +602,56 @@ mod tests {
         let scattered = keys(&["23", "07", "-1", "x", "0"]);
         let got: Vec<Option<u32>> = positions(&values, &scattered).unwrap().iter().collect();
         assert_eq!(got, vec![Some(4), Some(0), None, Some(2), None, None]);
+    }
+
+    #[test]
+    fn slot_where_keeps_the_slot_only_where_the_decision_is_true_and_the_slot_valid() {
+        let slot: ArrayRef = Arc::new(UInt32Array::from(vec![
+            Some(3),
+            Some(1),
+            None,
+            Some(0),
+            Some(2),
+        ]));
+        let keep: ArrayRef = Arc::new(arrow::array::BooleanArray::from(vec![
+            Some(true),
+            Some(false),
+            Some(true),
+            None,
+            Some(true),
+        ]));
+        let out = SlotWhere::new()
+            .invoke_with_args(ScalarFunctionArgs {
+                args: vec![ColumnarValue::Array(slot), ColumnarValue::Array(keep)],
+                arg_fields: vec![
+                    Arc::new(Field::new("s", DataType::UInt32, true)),
+                    Arc::new(Field::new("k", DataType::Boolean, true)),
+                ],
+                number_rows: 5,
+                return_field: Arc::new(Field::new("r", DataType::UInt32, true)),
+                config_options: Default::default(),
+            })
+            .unwrap()
+            .into_array(5)
+            .unwrap();
+        let got: Vec<Option<u32>> = out.as_primitive::<UInt32Type>().iter().collect();
+        assert_eq!(got, vec![Some(3), None, None, None, Some(2)]);
+        // Folded, only the kept rows count, into their own slots.
+        let mut a = SlotsAccumulator {
+            fold: Fold::Rows,
+            slots: vec![0; 4],
+        };
+        a.update_batch(&[out.clone()]).unwrap();
+        assert_eq!(a.slots, vec![0, 0, 1, 1]);
+        let fare: ArrayRef = Arc::new(arrow::array::Float64Array::from(vec![
+            10.0, 20.0, 30.0, 40.0, 50.0,
+        ]));
+        let mut sums = SlotsAccumulator {
+            fold: Fold::Clamped(Convert::new(0.0, 100.0, 0.0, 1.0, false)),
+            slots: vec![0; 4],
+        };
+        sums.update_batch(&[out, fare]).unwrap();
+        assert_eq!(sums.slots, vec![0, 0, 50, 10]);
     }
 
     #[test]

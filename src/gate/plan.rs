@@ -150,6 +150,17 @@ impl MeasureSpec {
     /// A clamped sum's per-row value: clamp, shift, (square,) scale and truncate in one
     /// kernel. Truncation toward zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of
     /// the bound's magnitude), far below the noise, and is cheaper than rounding.
+    /// The expression the measure reads, if any.
+    fn argument(&self) -> Option<&Expr> {
+        match self {
+            MeasureSpec::Rows => None,
+            MeasureSpec::NonNull { expr, .. }
+            | MeasureSpec::Distinct { expr, .. }
+            | MeasureSpec::ClampedSum { expr, .. }
+            | MeasureSpec::Quantile { expr, .. } => Some(expr),
+        }
+    }
+
     fn convert(&self) -> Option<(Expr, super::fixed_point::Convert)> {
         let MeasureSpec::ClampedSum {
             expr,
@@ -339,7 +350,7 @@ impl QueryShape {
         selection: Option<&std::sync::Arc<super::bound::Selection>>,
         memos: &[std::sync::Arc<crate::engine::PositionMemo>],
     ) -> Result<Option<LogicalPlan>, GateError> {
-        use super::dense::{DenseSlots, Fold, KeyPositions};
+        use super::dense::{DenseSlots, Fold, KeyPositions, SlotWhere};
         use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
         let mut keys = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
@@ -361,8 +372,33 @@ impl QueryShape {
         let Some(slots) = slots.filter(|n| *n <= MAX_GROUPS) else {
             return Ok(None);
         };
-        let slot = ScalarUDF::new_from_impl(KeyPositions::new(keys, memos.to_vec()))
+        let mut slot = ScalarUDF::new_from_impl(KeyPositions::new(keys, memos.to_vec()))
             .call(self.groups.iter().map(|g| g.expr.clone()).collect());
+        // Person-level rows of one table's scan, grouped and measured by its plain columns:
+        // pass 2's decision becomes a column beside the scan's and turns dropped rows' slots
+        // null, instead of a filter copying the kept rows. Only for plain columns, which read
+        // the same on every row: an expression could fail on a row the query's filters drop.
+        let plain_columns = self
+            .groups
+            .iter()
+            .map(|g| &g.expr)
+            .chain(self.measures.iter().filter_map(MeasureSpec::argument))
+            .all(|e| matches!(e, Expr::Column(_)));
+        let input = match (&self.unit, selection) {
+            (Some(unit), Some(selection))
+                if plain_columns && super::bound::scan_with_filters(&self.input) =>
+            {
+                let (scan, keep) = super::bound::keep_expr(&self.input, unit, selection)?;
+                slot = ScalarUDF::new_from_impl(SlotWhere::new()).call(vec![
+                    slot,
+                    Expr::Column(datafusion::common::Column::new_unqualified(
+                        super::bound::KEEP_COLUMN,
+                    )),
+                ]);
+                super::bound::with_keep_column(scan, keep)?
+            }
+            _ => self.aggregate_input(selection)?,
+        };
         let fold = |f: Fold, mut args: Vec<Expr>| {
             args.insert(0, slot.clone());
             AggregateUDF::new_from_impl(DenseSlots::new(f, slots)).call(args)
@@ -380,7 +416,7 @@ impl QueryShape {
             };
             aggs.push(agg.alias(format!("__m{i}")));
         }
-        LogicalPlanBuilder::from(self.aggregate_input(selection)?)
+        LogicalPlanBuilder::from(input)
             .aggregate(Vec::<Expr>::new(), aggs)
             .and_then(|b| b.build())
             .map(Some)
