@@ -94,6 +94,11 @@ enum Command {
         /// Only the runs that read the file (for files bigger than memory should hold).
         #[arg(long)]
         streaming: bool,
+        /// The gate's runs read the table through the server's table cache, as served jobs
+        /// do (decoded once, group-key positions kept with it); its runs from the file are
+        /// skipped. Plain DataFusion runs as without it.
+        #[arg(long, conflicts_with = "streaming")]
+        cached: bool,
     },
     /// Principals on a running server (operators).
     Principals {
@@ -512,12 +517,14 @@ fn run() -> anyhow::Result<()> {
             query,
             runs,
             streaming,
+            cached,
             ..
         } => runtime()?.block_on(unseen::bench::run(unseen::bench::BenchOptions {
             data: data.context("give --data FILE")?,
             query,
             runs,
             streaming,
+            cached,
         })),
         Command::GenTrips { rows, out, seed } => unseen::demo::trips::generate(rows, &out, seed),
         Command::Audit {
