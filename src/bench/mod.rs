@@ -420,7 +420,6 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 })
                 .collect();
             let gated = (median(without_load), median(with_load));
-            let cached = opts.cached;
             line(
                 q.id,
                 mode,
@@ -430,7 +429,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 groups,
                 epsilon,
                 json!(mae),
-                cached,
+                opts.cached,
             );
             per_mode.push((*mode, gated));
         }

@@ -147,9 +147,6 @@ impl MeasureSpec {
         }
     }
 
-    /// A clamped sum's per-row value: clamp, shift, (square,) scale and truncate in one
-    /// kernel. Truncation toward zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of
-    /// the bound's magnitude), far below the noise, and is cheaper than rounding.
     /// The expression the measure reads, if any.
     fn argument(&self) -> Option<&Expr> {
         match self {
@@ -161,6 +158,9 @@ impl MeasureSpec {
         }
     }
 
+    /// A clamped sum's per-row value: clamp, shift, (square,) scale and truncate in one
+    /// kernel. Truncation toward zero biases by under one fixed-point unit per row (≤ 2⁻²⁰ of
+    /// the bound's magnitude), far below the noise, and is cheaper than rounding.
     fn convert(&self) -> Option<(Expr, super::fixed_point::Convert)> {
         let MeasureSpec::ClampedSum {
             expr,
