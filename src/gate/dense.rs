@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanBufferBuilder, Int64Array, ListArray, StringViewArray,
@@ -47,32 +47,36 @@ pub(crate) struct KeyPositions {
     keys: Vec<Vec<String>>,
     /// The session's cached tables' memos.
     memos: Vec<Arc<PositionMemo>>,
+    /// Each column's text lookup, built by the first batch that needs it.
+    lookups: Vec<OnceLock<Option<DirectKeys>>>,
     signature: Signature,
 }
 
 impl KeyPositions {
     pub(crate) fn new(keys: Vec<Vec<String>>, memos: Vec<Arc<PositionMemo>>) -> Self {
         KeyPositions {
+            lookups: keys.iter().map(|_| OnceLock::new()).collect(),
             keys,
             memos,
             signature: Signature::variadic_any(Volatility::Immutable),
         }
     }
 
-    /// The positions of one column's values in its key list, from a memo when the column is
-    /// a cached table's own array.
-    fn column(&self, array: &ArrayRef, keys: &[String]) -> Result<Arc<UInt32Array>> {
+    /// The positions of the `c`-th column's values in its key list, from a memo when the
+    /// column is a cached table's own array.
+    fn column(&self, c: usize, array: &ArrayRef) -> Result<Arc<UInt32Array>> {
+        let (keys, lookup) = (&self.keys[c], &self.lookups[c]);
         for memo in &self.memos {
             if let Some(id) = memo.id_of(array.as_ref()) {
                 if let Some(kept) = memo.get(id, keys) {
                     return Ok(kept);
                 }
-                let computed = Arc::new(positions(array, keys)?);
+                let computed = Arc::new(positions(array, keys, lookup)?);
                 memo.put(id, keys, computed.clone());
                 return Ok(computed);
             }
         }
-        Ok(Arc::new(positions(array, keys)?))
+        Ok(Arc::new(positions(array, keys, lookup)?))
     }
 }
 
@@ -118,8 +122,8 @@ impl ScalarUDFImpl for KeyPositions {
         }
         let rows = args.number_rows;
         let mut columns = Vec::with_capacity(self.keys.len());
-        for (value, keys) in args.args.iter().zip(&self.keys) {
-            columns.push(self.column(&value.to_array(rows)?, keys)?);
+        for (c, value) in args.args.iter().enumerate() {
+            columns.push(self.column(c, &value.to_array(rows)?)?);
         }
         if columns.len() == 1 {
             return Ok(ColumnarValue::Array(columns.pop().expect("one column")));
@@ -209,7 +213,11 @@ impl ScalarUDFImpl for SlotWhere {
 /// Each value's position in `keys` (null: a null value, or none of the keys), matched by
 /// text. Integer columns are matched as integers (a key matches when its text is the value's
 /// decimal text); everything else as Arrow's cast to text, through string views.
-fn positions(array: &ArrayRef, keys: &[String]) -> Result<UInt32Array> {
+fn positions(
+    array: &ArrayRef,
+    keys: &[String],
+    lookup: &OnceLock<Option<DirectKeys>>,
+) -> Result<UInt32Array> {
     if array.data_type().is_integer() && array.data_type() != &DataType::UInt64 {
         let ints = arrow::compute::cast(array, &DataType::Int64)?;
         return Ok(integer_positions(ints.as_primitive::<Int64Type>(), keys));
@@ -221,7 +229,11 @@ fn positions(array: &ArrayRef, keys: &[String]) -> Result<UInt32Array> {
             arrow::compute::cast(&text, &DataType::Utf8View)?
         }
     };
-    Ok(view_positions(views.as_string_view(), keys))
+    let views = views.as_string_view();
+    Ok(match lookup.get_or_init(|| DirectKeys::new(keys)) {
+        Some(direct) => direct.positions(views),
+        None => hashed_view_positions(views, keys),
+    })
 }
 
 fn integer_positions(values: &Int64Array, keys: &[String]) -> UInt32Array {
@@ -264,7 +276,121 @@ fn inline_word(view: u128) -> Option<u128> {
     (len <= 12).then(|| view & (u128::MAX >> (96 - 8 * len)))
 }
 
-fn view_positions(array: &StringViewArray, keys: &[String]) -> UInt32Array {
+/// Keys found in one probe, for a key list whose short keys (those a string view holds
+/// inline) fall into distinct buckets of a small table under some multiplier: a row's view,
+/// masked to its length and bytes, names one bucket, and either that bucket holds exactly
+/// this word or the value is no short key. Longer values go through a hash map.
+#[derive(Debug)]
+struct DirectKeys {
+    shift: u32,
+    multiplier: u64,
+    /// Per bucket, a short key's inline word, or `u128::MAX` (no view's word: its length
+    /// field would be 2³² − 1) for an empty bucket.
+    words: Vec<u128>,
+    positions: Vec<u32>,
+    long: HashMap<Vec<u8>, u32, Mix>,
+}
+
+/// The most buckets tried (2¹² of 20 bytes: 80 KiB, cache-resident).
+const DIRECT_MAX_BITS: u32 = 12;
+
+/// The most short keys tried: with *k* keys in *m* buckets, a multiplier spreads them without
+/// a collision with probability about e^(−k²/2m), so beyond ~100 keys 2¹² buckets seldom do.
+const DIRECT_MAX_KEYS: usize = 128;
+
+impl DirectKeys {
+    fn new(keys: &[String]) -> Option<Self> {
+        let mut short: HashMap<u128, u32, Mix> = HashMap::default();
+        let mut long: HashMap<Vec<u8>, u32, Mix> = HashMap::default();
+        for (j, k) in keys.iter().enumerate() {
+            match inline_word(make_view(k.as_bytes(), 0, 0)) {
+                Some(w) => short.entry(w).or_insert(j as u32),
+                None => long.entry(k.as_bytes().to_vec()).or_insert(j as u32),
+            };
+        }
+        if short.len() > DIRECT_MAX_KEYS {
+            return None;
+        }
+        let mut short: Vec<(u128, u32)> = short.into_iter().collect();
+        short.sort_unstable_by_key(|e| e.1);
+        // From k² buckets (no collision with probability ~e^(−½)), a few fixed odd
+        // multipliers per size.
+        let least = (short.len().max(2).pow(2))
+            .next_power_of_two()
+            .trailing_zeros();
+        let mut candidate = 0x9e37_79b9_7f4a_7c15u64;
+        for bits in least.min(DIRECT_MAX_BITS)..=DIRECT_MAX_BITS {
+            for _ in 0..16 {
+                candidate = candidate
+                    .wrapping_mul(0xff51_afd7_ed55_8ccd)
+                    .rotate_left(17)
+                    | 1;
+                let mut direct = DirectKeys {
+                    shift: 64 - bits,
+                    multiplier: candidate,
+                    words: vec![u128::MAX; 1 << bits],
+                    positions: vec![0; 1 << bits],
+                    long: HashMap::default(),
+                };
+                let distinct = short.iter().all(|&(w, j)| {
+                    let b = direct.bucket(w);
+                    let free = direct.words[b] == u128::MAX;
+                    direct.words[b] = w;
+                    direct.positions[b] = j;
+                    free
+                });
+                if distinct {
+                    direct.long = long;
+                    return Some(direct);
+                }
+            }
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn bucket(&self, word: u128) -> usize {
+        let folded = (word as u64) ^ ((word >> 64) as u64).rotate_left(29);
+        (folded.wrapping_mul(self.multiplier) >> self.shift) as usize
+    }
+
+    fn positions(&self, array: &StringViewArray) -> UInt32Array {
+        let views = array.views();
+        let n = views.len();
+        let mut values = vec![0u32; n];
+        let mut found = vec![0u64; n.div_ceil(64)];
+        for (c, (chunk, out)) in views.chunks(64).zip(values.chunks_mut(64)).enumerate() {
+            let mut bits = 0u64;
+            for (j, (view, value)) in chunk.iter().zip(out.iter_mut()).enumerate() {
+                let len = *view as u32;
+                let (position, hit) = if len <= 12 {
+                    let word = view & (u128::MAX >> (96 - 8 * len));
+                    let b = self.bucket(word);
+                    (self.positions[b], self.words[b] == word)
+                } else if self.long.is_empty() {
+                    (0, false)
+                } else {
+                    match self.long.get(array.value(c * 64 + j).as_bytes()) {
+                        Some(p) => (*p, true),
+                        None => (0, false),
+                    }
+                };
+                *value = if hit { position } else { 0 };
+                bits |= u64::from(hit) << j;
+            }
+            found[c] = bits;
+        }
+        let mut valid = arrow::buffer::BooleanBuffer::new(found.into(), 0, n);
+        // A null row's view may hold anything: its own validity decides.
+        if let Some(nulls) = array.nulls() {
+            valid = &valid & nulls.inner();
+        }
+        UInt32Array::new(values.into(), Some(NullBuffer::new(valid)))
+    }
+}
+
+/// Text positions through hash maps, for key lists [`DirectKeys`] cannot take.
+fn hashed_view_positions(array: &StringViewArray, keys: &[String]) -> UInt32Array {
     let mut short: HashMap<u128, u32, Mix> = HashMap::default();
     let mut long: HashMap<&[u8], u32, Mix> = HashMap::default();
     for (j, k) in keys.iter().enumerate() {
@@ -573,7 +699,7 @@ mod tests {
             Some("D02 "),
         ]));
         let k = keys(&["D01", "D02", long, ""]);
-        let p = positions(&values, &k).unwrap();
+        let p = positions(&values, &k, &OnceLock::new()).unwrap();
         let got: Vec<Option<u32>> = p.iter().collect();
         assert_eq!(
             got,
@@ -581,8 +707,67 @@ mod tests {
         );
         // The same through a plain Utf8 column.
         let plain: ArrayRef = Arc::new(StringArray::from(vec![Some("D01"), Some("x")]));
-        let got: Vec<Option<u32>> = positions(&plain, &k).unwrap().iter().collect();
+        let got: Vec<Option<u32>> = positions(&plain, &k, &OnceLock::new())
+            .unwrap()
+            .iter()
+            .collect();
         assert_eq!(got, vec![Some(0), None]);
+    }
+
+    #[test]
+    fn the_one_probe_lookup_finds_what_the_hash_maps_find() {
+        let long = "a district name longer than twelve bytes";
+        let mut k: Vec<String> = (1..=16).map(|d| format!("D{d:02}")).collect();
+        k.extend([
+            long.to_string(),
+            String::new(),
+            "D03".into(),
+            "twelve bytes".into(),
+        ]);
+        assert!(DirectKeys::new(&k).is_some());
+        // Values: every key, near misses (a byte more, less, or different), nulls, long text.
+        let mut values: Vec<Option<String>> = Vec::new();
+        for i in 0..5000u32 {
+            values.push(match i % 9 {
+                0 => None,
+                1 => Some(format!("D{:02}", i % 20)),
+                2 => Some(format!("D{:02} ", i % 17)),
+                3 => Some(long.to_string()),
+                4 => Some(format!("{long}{}", i % 3)),
+                5 => Some(String::new()),
+                6 => Some("twelve bytes".into()),
+                7 => Some("twelve byte".into()),
+                _ => Some(k[(i as usize * 7) % k.len()].clone()),
+            });
+        }
+        let array = StringViewArray::from_iter(values.iter().map(|v| v.as_deref()));
+        let reference: Vec<Option<u32>> = values
+            .iter()
+            .map(|v| {
+                let v = v.as_ref()?;
+                k.iter().position(|key| key == v).map(|p| p as u32)
+            })
+            .collect();
+        for (offset, len) in [(0, 5000), (3, 4000), (63, 65), (64, 1)] {
+            let slice = array.slice(offset, len);
+            let direct: Vec<Option<u32>> = DirectKeys::new(&k)
+                .unwrap()
+                .positions(&slice)
+                .iter()
+                .collect();
+            let hashed: Vec<Option<u32>> = hashed_view_positions(&slice, &k).iter().collect();
+            assert_eq!(direct, reference[offset..offset + len], "offset {offset}");
+            assert_eq!(hashed, direct, "offset {offset}");
+        }
+        // Too many short keys for one probe: the hash maps take them, with the same answers.
+        let many: Vec<String> = (0..500).map(|i| format!("c{i}")).collect();
+        assert!(DirectKeys::new(&many).is_none());
+        let values: ArrayRef = Arc::new(StringViewArray::from(vec![Some("c499"), Some("c500")]));
+        let got: Vec<Option<u32>> = positions(&values, &many, &OnceLock::new())
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(got, vec![Some(499), None]);
     }
 
     #[test]
@@ -596,11 +781,17 @@ mod tests {
             Some(7),
         ]));
         let run: Vec<String> = (0..24).map(|h| h.to_string()).collect();
-        let got: Vec<Option<u32>> = positions(&values, &run).unwrap().iter().collect();
+        let got: Vec<Option<u32>> = positions(&values, &run, &OnceLock::new())
+            .unwrap()
+            .iter()
+            .collect();
         assert_eq!(got, vec![Some(0), Some(23), None, None, None, Some(7)]);
         // Not a run, and "07" is not the text of 7.
         let scattered = keys(&["23", "07", "-1", "x", "0"]);
-        let got: Vec<Option<u32>> = positions(&values, &scattered).unwrap().iter().collect();
+        let got: Vec<Option<u32>> = positions(&values, &scattered, &OnceLock::new())
+            .unwrap()
+            .iter()
+            .collect();
         assert_eq!(got, vec![Some(4), Some(0), None, Some(2), None, None]);
     }
 
