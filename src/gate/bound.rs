@@ -1453,6 +1453,31 @@ mod tests {
         }
     }
 
+    /// One-byte words, for every bound k ≤ 255 and every state they are chosen for: unpacking
+    /// (the multiply-shift in place of a division by k + 1) gives back what was packed, and a
+    /// person pass 1 counted starts with all their rows to come and none kept.
+    #[test]
+    fn one_byte_words_unpack_every_state_they_pack() {
+        for k in 0u32..=255 {
+            let c = Codec::new(k);
+            let most = 256 / (k + 1) - 1;
+            for left in 0..=most {
+                for taken in 0..=k {
+                    let word = <u8 as Word>::pack(left, taken, c);
+                    assert_eq!(word.unpack(c), (left, taken), "k = {k}");
+                }
+                if left > 0 {
+                    assert_eq!(<u8 as Word>::start(left, c).unpack(c), (left, 0), "k = {k}");
+                }
+            }
+            assert_eq!(
+                <u8 as Word>::start(0, c).unpack(c),
+                (0, k),
+                "k = {k}: spent"
+            );
+        }
+    }
+
     /// Pass 1's one-byte counts wrap past 255 into notes on the side: counts of hundreds of rows,
     /// counted in forks and merged (carries from both the rows and the merge), come out exact.
     #[test]
