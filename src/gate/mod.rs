@@ -859,18 +859,20 @@ impl Gate {
         } else if let Some(threshold) = &pricing.threshold {
             // Partition selection: noisy unit counts, and only the groups whose noisy count
             // clears the threshold (which is at least the minimum group size).
-            let by_text: Vec<String> = index_order(&index, keys.len());
+            let by_text: Vec<String> = index_order(index, keys.len());
             let counts: HashMap<String, i64> = by_text
                 .iter()
                 .cloned()
                 .zip(exact_values[0].iter().copied())
                 .collect();
-            let chosen = threshold.draw(counts)?;
-            let mut slots: Vec<usize> = (0..keys.len())
-                .filter(|g| chosen.contains_key(&by_text[*g]))
+            let mut chosen = threshold.draw(counts)?;
+            // Each group's noisy count if it was chosen (one lookup a group), in key order.
+            let mut picked: Vec<(usize, i64)> = (0..keys.len())
+                .filter_map(|g| chosen.remove(&by_text[g]).map(|n| (g, n)))
                 .collect();
-            slots.sort_by(|a, b| by_text[*a].cmp(&by_text[*b]));
-            let mut noisy = vec![slots.iter().map(|g| chosen[&by_text[*g]]).collect()];
+            picked.sort_unstable_by(|a, b| by_text[a.0].cmp(&by_text[b.0]));
+            let slots: Vec<usize> = picked.iter().map(|(g, _)| *g).collect();
+            let mut noisy = vec![picked.iter().map(|(_, n)| *n).collect()];
             for (m, c) in pricing.calibrated.iter().enumerate().skip(1) {
                 if is_quantile[m] {
                     noisy.push(vec![0; slots.len()]); // released from `quantiles` below
@@ -1166,11 +1168,14 @@ struct Pricing {
 }
 
 /// The text key of each group slot, in slot order.
-fn index_order(index: &HashMap<Vec<String>, usize>, len: usize) -> Vec<String> {
+fn index_order(index: HashMap<Vec<String>, usize>, len: usize) -> Vec<String> {
     let mut out = vec![String::new(); len];
-    for (key, slot) in index {
-        // JSON keeps keys with separators in them apart.
-        out[*slot] = serde_json::to_string(key).unwrap_or_default();
+    for (mut key, slot) in index {
+        out[slot] = match key.len() {
+            1 => key.pop().unwrap_or_default(),
+            // JSON keeps keys with separators in them apart.
+            _ => serde_json::to_string(&key).unwrap_or_default(),
+        };
     }
     out
 }
