@@ -399,23 +399,28 @@ impl QueryShape {
             }
             _ => self.aggregate_input(selection)?,
         };
-        let fold = |f: Fold, mut args: Vec<Expr>| {
-            args.insert(0, slot.clone());
-            AggregateUDF::new_from_impl(DenseSlots::new(f, slots)).call(args)
-        };
-        let mut aggs = Vec::with_capacity(self.measures.len());
-        for (i, m) in self.measures.iter().enumerate() {
-            let agg = match m {
-                MeasureSpec::Rows => fold(Fold::Rows, vec![]),
-                MeasureSpec::NonNull { expr, .. } => fold(Fold::NonNull, vec![expr.clone()]),
+        // One aggregate folds every measure: the slot column is read once.
+        let (mut folds, mut args) = (Vec::with_capacity(self.measures.len()), vec![slot]);
+        for m in &self.measures {
+            match m {
+                MeasureSpec::Rows => folds.push(Fold::Rows),
+                MeasureSpec::NonNull { expr, .. } => {
+                    folds.push(Fold::NonNull);
+                    args.push(expr.clone());
+                }
                 MeasureSpec::ClampedSum { .. } => {
                     let (x, convert) = m.convert().ok_or_else(plan_error_text)?;
-                    fold(Fold::Clamped(convert), vec![x])
+                    folds.push(Fold::Clamped(convert));
+                    args.push(x);
                 }
                 MeasureSpec::Distinct { .. } | MeasureSpec::Quantile { .. } => return Ok(None),
-            };
-            aggs.push(agg.alias(format!("__m{i}")));
+            }
         }
+        let aggs = vec![
+            AggregateUDF::new_from_impl(DenseSlots::new(folds, slots))
+                .call(args)
+                .alias("__m"),
+        ];
         LogicalPlanBuilder::from(input)
             .aggregate(Vec::<Expr>::new(), aggs)
             .and_then(|b| b.build())
