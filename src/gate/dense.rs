@@ -643,7 +643,7 @@ impl SlotsAccumulator {
     }
 
     /// A count of every row (at `rows_at` of a slot's two cells) and a clamped sum (at the
-    /// other), in one pass; false (nothing folded) unless the slot and `x` have no nulls.
+    /// other), over the rows with a slot, in one pass; false (nothing folded) if `x` has nulls.
     fn rows_and_sum(
         &mut self,
         slot: &UInt32Array,
@@ -654,19 +654,34 @@ impl SlotsAccumulator {
         let Some(x) = x.as_primitive_opt::<Float64Type>() else {
             return Ok(false);
         };
-        if slot.null_count() != 0 || x.null_count() != 0 {
+        if x.null_count() != 0 {
             return Ok(false);
         }
         let (rows, sum) = (rows_at & 1, (rows_at ^ 1) & 1);
-        for (s, v) in slot.values().iter().zip(x.values()) {
-            let at = *s as usize * 2;
+        let mut bump = |s: u32, v: f64| -> Result<()> {
+            let at = s as usize * 2;
             let pair: &mut [i64; 2] = self
                 .cells
                 .get_mut(at..at + 2)
                 .and_then(|p| p.try_into().ok())
                 .ok_or_else(out_of_range)?;
             pair[rows] = pair[rows].wrapping_add(1);
-            pair[sum] = pair[sum].wrapping_add(convert.apply(*v));
+            pair[sum] = pair[sum].wrapping_add(convert.apply(v));
+            Ok(())
+        };
+        let (slots, values) = (slot.values(), x.values());
+        match slot.nulls().filter(|n| n.null_count() > 0) {
+            None => {
+                for (s, v) in slots.iter().zip(values.iter()) {
+                    bump(*s, *v)?;
+                }
+            }
+            // Only the rows with a slot (those contribution bounding keeps), by its bitmap.
+            Some(valid) => {
+                for i in valid.inner().set_indices() {
+                    bump(slots[i], values[i])?;
+                }
+            }
         }
         Ok(true)
     }
@@ -690,7 +705,7 @@ impl Accumulator for SlotsAccumulator {
         }
         let n = self.folds.len();
         // A count (COUNT(*), or COUNT(x) where x has no nulls) beside a clamped sum (AVG is
-        // both), where the slot and the summed value have no nulls: one pass for both.
+        // both), where the summed value has no nulls: one pass for both.
         let fused = match (self.folds.as_slice(), &values[1..]) {
             ([Fold::Rows, Fold::Clamped(c)], [x]) => Some((0, x, *c)),
             ([Fold::Clamped(c), Fold::Rows], [x]) => Some((1, x, *c)),
@@ -1052,6 +1067,7 @@ mod tests {
         };
         for (slot, x) in [
             (&full_slot, &full_x),
+            (&gappy_slot, &full_x),
             (&gappy_slot, &gappy_x),
             (&full_slot, &gappy_x),
         ] {
