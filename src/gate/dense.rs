@@ -624,6 +624,19 @@ fn fold_one(
     Ok(())
 }
 
+/// One row into a slot's pair of cells: one more row at `at[0]`, `x` added at `at[1]`.
+#[inline(always)]
+fn count_and_add(cells: &mut [i64], slot: u32, at: [usize; 2], x: i64) -> Result<()> {
+    let first = slot as usize * 2;
+    let pair: &mut [i64; 2] = cells
+        .get_mut(first..first + 2)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(out_of_range)?;
+    pair[at[0] & 1] = pair[at[0] & 1].wrapping_add(1);
+    pair[at[1] & 1] = pair[at[1] & 1].wrapping_add(x);
+    Ok(())
+}
+
 impl SlotsAccumulator {
     fn new(folds: Vec<Fold>, slots: usize) -> Self {
         let cells = vec![0; folds.len() * slots];
@@ -658,28 +671,17 @@ impl SlotsAccumulator {
             return Ok(false);
         }
         let (rows, sum) = (rows_at & 1, (rows_at ^ 1) & 1);
-        let mut bump = |s: u32, v: f64| -> Result<()> {
-            let at = s as usize * 2;
-            let pair: &mut [i64; 2] = self
-                .cells
-                .get_mut(at..at + 2)
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(out_of_range)?;
-            pair[rows] = pair[rows].wrapping_add(1);
-            pair[sum] = pair[sum].wrapping_add(convert.apply(v));
-            Ok(())
-        };
-        let (slots, values) = (slot.values(), x.values());
+        let (slots, values, cells) = (slot.values(), x.values(), &mut self.cells[..]);
         match slot.nulls().filter(|n| n.null_count() > 0) {
             None => {
                 for (s, v) in slots.iter().zip(values.iter()) {
-                    bump(*s, *v)?;
+                    count_and_add(cells, *s, [rows, sum], convert.apply(*v))?;
                 }
             }
             // Only the rows with a slot (those contribution bounding keeps), by its bitmap.
             Some(valid) => {
                 for i in valid.inner().set_indices() {
-                    bump(slots[i], values[i])?;
+                    count_and_add(cells, slots[i], [rows, sum], convert.apply(values[i]))?;
                 }
             }
         }
