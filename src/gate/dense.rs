@@ -728,6 +728,7 @@ impl Accumulator for SlotsAccumulator {
             } else {
                 None
             };
+            // A literal stride of one, so the single-fold loop indexes its slots directly.
             if n == 1 {
                 fold_one(fold, slot, value, &mut self.cells, 1, 0)?;
             } else {
