@@ -670,18 +670,18 @@ impl SlotsAccumulator {
         if x.null_count() != 0 {
             return Ok(false);
         }
-        let (rows, sum) = (rows_at & 1, (rows_at ^ 1) & 1);
+        let at = [rows_at, rows_at ^ 1];
         let (slots, values, cells) = (slot.values(), x.values(), &mut self.cells[..]);
         match slot.nulls().filter(|n| n.null_count() > 0) {
             None => {
                 for (s, v) in slots.iter().zip(values.iter()) {
-                    count_and_add(cells, *s, [rows, sum], convert.apply(*v))?;
+                    count_and_add(cells, *s, at, convert.apply(*v))?;
                 }
             }
             // Only the rows with a slot (those contribution bounding keeps), by its bitmap.
             Some(valid) => {
                 for i in valid.inner().set_indices() {
-                    count_and_add(cells, slots[i], [rows, sum], convert.apply(values[i]))?;
+                    count_and_add(cells, slots[i], at, convert.apply(values[i]))?;
                 }
             }
         }
