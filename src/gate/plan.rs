@@ -416,9 +416,6 @@ impl QueryShape {
                 MeasureSpec::Distinct { .. } | MeasureSpec::Quantile { .. } => return Ok(None),
             }
         }
-        if folds.is_empty() {
-            return Ok(None); // keys alone: the grouped plan
-        }
         let aggs = vec![
             AggregateUDF::new_from_impl(DenseSlots::new(folds, slots))
                 .call(args)
