@@ -65,7 +65,20 @@ pub struct Resources {
     /// Where a job may spill and how much; `None`: no spilling, so a sort or aggregation over
     /// its memory fails.
     pub spill: Option<Spill>,
+    /// Rows per batch in the session's scans and operators (and in the tables it caches).
+    pub batch_rows: usize,
 }
+
+/// DataFusion's own default, kept where no person is bounded: `unseen bench --http` at one
+/// client, alternated, p50 7.5–8.4 ms with it against 8.9–9.0 ms with 32,768-row batches.
+pub const BATCH_ROWS: usize = 8192;
+
+/// For sessions that bound persons. Pass 2 (`gate::bound`) updates a table of every person
+/// from both partitions; with 8,192 rows a batch each row touches a table line the other core
+/// may hold; with 32,768 a line fetched serves about two rows. `unseen bench --query Q2` at
+/// 10M, three rounds alternating the builds: gate from memory 0.148–0.152 s against
+/// 0.172–0.180 s with 8,192; with load no change (0.249–0.258 s against 0.249–0.268 s).
+pub const PERSON_BATCH_ROWS: usize = 32_768;
 
 /// A spill directory inside the domain, the most bytes of spill files one job may hold at
 /// once, and the spill areas of finished jobs, kept for the next.
@@ -341,7 +354,8 @@ impl JobSession {
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         let mut config = SessionConfig::new()
             .with_information_schema(false)
-            .with_target_partitions(2);
+            .with_target_partitions(2)
+            .with_batch_size(resources.batch_rows.max(1));
         // A sort that spills sets aside memory for merging its runs (10 MiB by default): a
         // sixteenth of the pool, so spilling also works in small pools.
         config.options_mut().execution.sort_spill_reservation_bytes =
@@ -610,6 +624,7 @@ mod tests {
         let resources = Resources {
             memory_bytes: 1 << 28,
             spill: None,
+            batch_rows: BATCH_ROWS,
         };
         let s = JobSession::new(std::slice::from_ref(spec), &resources, Some(cache))
             .await
@@ -657,6 +672,7 @@ mod tests {
         let resources = Resources {
             memory_bytes: 1 << 26,
             spill: None,
+            batch_rows: BATCH_ROWS,
         };
         let s = JobSession::new(&[spec("a", &with), spec("b", &without)], &resources, None)
             .await
@@ -669,6 +685,37 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         write("with.parquet", vec![5, 6, 7], EnabledStatistics::Chunk);
         assert_eq!(s.integer_range("a", "person_id"), None);
+    }
+
+    /// A session's scans hand its operators batches of its `batch_rows` (the gate asks for
+    /// larger ones where it bounds persons), and no batch is longer.
+    #[tokio::test]
+    async fn scans_yield_batches_of_the_sessions_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trips.parquet");
+        crate::demo::trips::generate(100_000, &path, 1).unwrap();
+        let spec = TableSpec {
+            table: "trips".into(),
+            path,
+            columns: vec!["fare".into()],
+            in_memory: false,
+        };
+        for rows in [BATCH_ROWS, PERSON_BATCH_ROWS] {
+            let resources = Resources {
+                memory_bytes: 1 << 28,
+                spill: None,
+                batch_rows: rows,
+            };
+            let s = JobSession::new(std::slice::from_ref(&spec), &resources, None)
+                .await
+                .unwrap();
+            let plan = s.plan("SELECT fare FROM trips").await.unwrap();
+            let batches = s.execute(plan).await.unwrap().0;
+            let longest = batches.iter().map(|b| b.num_rows()).max().unwrap();
+            let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+            assert_eq!(total, 100_000);
+            assert_eq!(longest, rows, "batches of {rows} rows asked for");
+        }
     }
 
     #[tokio::test]
@@ -720,6 +767,7 @@ mod tests {
             let resources = Resources {
                 memory_bytes,
                 spill: spill.then(|| area.clone()),
+                batch_rows: BATCH_ROWS,
             };
             let spec = spec.clone();
             async move {

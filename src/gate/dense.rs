@@ -1154,6 +1154,7 @@ mod against_group_by {
         let resources = Resources {
             memory_bytes: 1 << 28,
             spill: None,
+            batch_rows: crate::engine::BATCH_ROWS,
         };
         let cache = TableCache::new(256 << 20);
         // D00 … D16 appear; D17 does not; "elsewhere" and nulls are no key. Hours 0–23 are a

@@ -271,9 +271,15 @@ impl Gate {
             });
             datasets.insert(policy.table.clone(), policy);
         }
+        let bounds_persons = datasets.values().any(|p| p.privacy_unit != "row");
         let resources = Resources {
             memory_bytes: self.limits.query_memory_bytes,
             spill: self.spill.clone(),
+            batch_rows: if bounds_persons {
+                crate::engine::PERSON_BATCH_ROWS
+            } else {
+                crate::engine::BATCH_ROWS
+            },
         };
         let session = JobSession::new(&specs, &resources, cache).await?;
         if let Some(guest) = &guest {
