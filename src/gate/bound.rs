@@ -695,7 +695,10 @@ impl Rules {
                 dropped: 0,
             }; 256],
         );
-        for (code, step) in steps.iter_mut().enumerate() {
+        // One-byte words serve only bounds with (largest count + 1) · (k + 1) ≤ 256; for
+        // others the table is never read (and k + 1 might not even fit a u32).
+        let byte_words = k < 256;
+        for (code, step) in steps.iter_mut().enumerate().filter(|_| byte_words) {
             let (left, taken) = (code as u8).unpack(codec);
             let need = k.saturating_sub(taken);
             *step = Step {
@@ -1558,6 +1561,14 @@ mod tests {
     /// decision and the next state that the arithmetic of [`Word::visit`] makes.
     #[test]
     fn one_byte_steps_decide_as_the_arithmetic() {
+        // Bounds one-byte words never serve build no table, the largest included (k + 1
+        // does not fit a u32: this overflowed in debug builds before the guard).
+        assert!(
+            Rules::new(u32::MAX)
+                .steps
+                .iter()
+                .all(|s| s.left == 1 && s.keep_below == 0)
+        );
         for k in 0u32..=255 {
             let rules = Rules::new(k);
             let c = rules.codec;
